@@ -1,0 +1,28 @@
+"""Stage 2 — multimodal SFT: projector + LM (full or LoRA) on conversations, loss on assistant tokens only.
+
+    accelerate launch stages/sft.py --config configs/sft/tiny.yaml [--model.init_from runs/align] [--data.packing true]
+"""
+
+import sys
+
+from vlpost.config import SFTConfig, parse_stage_args
+from vlpost.model.vlm import VisionLanguageModel
+from vlpost.train.freeze import apply_freeze
+from vlpost.train.stage import finish_run, sft_batches, start_run
+from vlpost.train.trainer import SFTObjective, Trainer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_stage_args(SFTConfig, argv, description=__doc__)
+    run = start_run(args, stage="sft")
+    cfg = run.cfg
+    model = VisionLanguageModel.build(cfg.model)
+    apply_freeze(model, cfg.freeze)
+    batches = sft_batches(cfg.data, model, kind="sft", run=run, batch_size=cfg.train.batch_size)
+    trainer = Trainer(model, batches, SFTObjective(), cfg.train, run.out, run.accelerator, stage="sft")
+    trainer.fit()
+    return finish_run(run, trainer)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,105 @@
+"""The model contract: splice, projectors, save/load, batched generation, both LM architectures."""
+
+import pytest
+import torch
+
+from vlpost.data.chat import ChatEncoder
+from vlpost.data.collate import left_pad
+from vlpost.model.projector import Projector, pixel_shuffle
+from vlpost.model.vlm import splice
+
+
+def test_splice_places_image_embeddings_exactly_and_checks_count():
+    text = torch.zeros(2, 6, 3)
+    mask = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    images = torch.arange(12, dtype=torch.float).reshape(4, 3) + 1
+    out = splice(text, images, mask)
+    assert torch.equal(out[0, 1], images[0]) and torch.equal(out[0, 2], images[1])
+    assert torch.equal(out[1, 3], images[2]) and torch.equal(out[1, 4], images[3])
+    assert float(out[~mask].abs().sum()) == 0.0  # text positions untouched
+    with pytest.raises(ValueError, match="4 image-token positions in input_ids but 3 image feature vectors"):
+        splice(text, images[:3], mask)
+
+
+def test_pixel_shuffle_groups_2x2_neighbours():
+    # a 4x4 grid of patches whose feature is its own index
+    features = torch.arange(16, dtype=torch.float).reshape(1, 16, 1)
+    out = pixel_shuffle(features, (4, 4))
+    assert out.shape == (1, 4, 4)
+    assert out[0, 0].tolist() == [0, 1, 4, 5] and out[0, 3].tolist() == [10, 11, 14, 15]
+
+
+@pytest.mark.parametrize("kind,expected", [("linear", 16), ("mlp2x_gelu", 16), ("pixel_shuffle", 4)])
+def test_projector_tokens_per_image(kind, expected):
+    projector = Projector(kind, vision_dim=8, lm_dim=12, grid=(4, 4))
+    assert projector.tokens_per_image == expected
+    assert projector(torch.randn(3, 16, 8)).shape == (3, expected, 12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_forward_with_images_and_labels(make_model, arch):
+    model = make_model(arch=arch)
+    encoder = ChatEncoder(model.tokenizer, model.tokens_per_image)
+    enc = encoder.encode([{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}],
+                         sample_id="a", num_images=1)
+    ids = torch.tensor([enc.input_ids])
+    out = model(ids, torch.ones_like(ids), pixel_values=torch.randn(1, 3, 32, 32), labels=torch.tensor([enc.labels]))
+    assert out.logits.shape == (1, len(enc), len(model.tokenizer))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        model(ids, torch.ones_like(ids))
+
+
+def test_image_features_reach_the_lm(make_model):
+    """Changing the image changes logits after the image span, not before it."""
+    model = make_model().eval()
+    encoder = ChatEncoder(model.tokenizer, model.tokens_per_image)
+    ids = torch.tensor([encoder.encode_prompt([{"role": "user", "content": "hi <image> colour?"}], sample_id="a",
+                                              num_images=1)])
+    first_image = int((ids[0] == model.image_token_id).nonzero()[0])
+    a = model(ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
+    b = model(ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
+    assert torch.allclose(a[:, :first_image], b[:, :first_image])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_save_load_identical_logits(make_model, tmp_path):
+    model = make_model(projector="pixel_shuffle").eval()
+    ids = torch.tensor([[5, 6] + [model.image_token_id] * model.tokens_per_image + [7, 8]])
+    pixels = torch.randn(1, 3, 32, 32)
+    before = model(ids, pixel_values=pixels).logits
+    model.save_pretrained(tmp_path / "run", lineage={"stage": "test"})
+    loaded = type(model).from_pretrained(tmp_path / "run").eval()
+    assert torch.equal(before, loaded(ids, pixel_values=pixels).logits)
+    assert loaded.spec["lineage"] == [{"stage": "test"}]
+    assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
+
+
+def test_tampered_projector_checkpoint_is_a_clear_error(make_model, tmp_path):
+    from safetensors.torch import save_file
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "run")
+    save_file({"net.0.weight": torch.zeros(3, 3)}, str(tmp_path / "run" / "projector.safetensors"))
+    with pytest.raises(ValueError, match="projector.safetensors does not fit the model"):
+        type(model).from_pretrained(tmp_path / "run")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_left_padded_generate_equals_one_by_one(make_model, arch):
+    model = make_model(arch=arch, seed=3).eval()
+    encoder = ChatEncoder(model.tokenizer, model.tokens_per_image)
+    questions = ["<image>\nWhat colour is the circle?", "How many shapes?\n<image>", "<image> hat?", "no image here"]
+    prompts, images = [], []
+    for i, question in enumerate(questions):
+        n = question.count("<image>")
+        prompts.append(encoder.encode_prompt([{"role": "user", "content": question}], sample_id=str(i), num_images=n))
+        images.append(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(i)))
+    ids, mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    assert len({len(p) for p in prompts}) > 1  # padding really happens
+    batched = model.generate(ids, mask, pixel_values=torch.cat(images), max_new_tokens=8)
+    for row, (prompt, pixels) in enumerate(zip(prompts, images)):
+        single = model.generate(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+                                pixel_values=pixels if len(pixels) else None, max_new_tokens=8)
+        width = single.shape[1]
+        assert batched[row, :width].tolist() == single[0].tolist(), f"row {row}"
