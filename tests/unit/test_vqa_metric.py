@@ -227,9 +227,3 @@ def test_cli_eval_vqa_writes_json(tmp_path, capsys):
     assert written["overall"] == 62.5 and written["per_answer_type"]["yes/no"] == 30.0
     assert "overall: 62.50" in capsys.readouterr().out
     assert (tmp_path / "report" / "report.html").exists()
-
-
-def test_cli_run_dir_is_not_available_yet(tmp_path, capsys):
-    args = _eval_parser().parse_args(["eval", "vqa", str(tmp_path)])
-    assert args.func(args) == 2
-    assert "model-driven evaluation: not available yet" in capsys.readouterr().err
