@@ -34,3 +34,4 @@ class Skip:
 
     id: str
     reason: str
+    detail: str = ""  # what exactly is wrong, stored in index.json next to the reason
