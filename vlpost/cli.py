@@ -9,8 +9,10 @@ import sys
 # Each module exposes `register(subparsers)`, adding parsers whose `func(args) -> int` does the work.
 COMMAND_MODULES = (
     "vlpost.data.commands",
+    "vlpost.data.audit_commands",
     "vlpost.eval.commands",
     "vlpost.train.commands",
+    "vlpost.demo",
 )
 
 
