@@ -59,7 +59,9 @@ class DataConfig:
     synthetic_seed: int = 0
     image_size: int = 64  # synthetic world image size (the tower's transform resizes)
     max_length: int = 512  # tokens incl. image tokens; longer samples are truncated on text or dropped
-    packing: bool = False  # pack several samples per row (exact: restarting positions + block mask)
+    packing: bool = False  # pack samples into rows of max_length (exact: restarting positions + block mask)
+    group_by_length: bool = False  # batches of similar length from a shuffled buffer (less padding)
+    buffer_size: int = 1024  # samples planned at once for packing / length grouping
     shuffle: bool = True
 
 
@@ -87,6 +89,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16 | fp16
+    max_bad_steps: int = 5  # stop after this many non-finite losses in a row (each one is skipped)
+    save_every: int = 500  # checkpoint every N optimizer steps into <out>/checkpoints/step-N; 0 = only on SIGTERM
+    keep_last: int = 2  # checkpoints kept on disk; older ones are deleted after each save
+    resume_from: str | None = None  # "latest" or a checkpoint dir; the stage flag --resume sets "latest"
+    gradient_checkpointing: bool = False  # recompute the LM's activations in backward (non-reentrant)
+    report_to: str = "tensorboard"  # comma-separated trackers: tensorboard, wandb; "none" = metrics.jsonl only
 
 
 @dataclass

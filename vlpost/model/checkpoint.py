@@ -15,6 +15,7 @@ from vlpost.config import LMConfig, VisionConfig
 from vlpost.constants import LM_SUBDIR, PROJECTOR_FILE, RUN_META_FILE
 
 VISION_FILE = "vision.safetensors"
+LORA_SUBDIR = "lm_adapter"
 FORMAT_VERSION = 1
 
 
@@ -40,6 +41,7 @@ def save_run(model, out_dir: str | Path, lineage: dict | None = None, projector_
         spec["format_version"] = FORMAT_VERSION
         spec["tokens_per_image"] = model.tokens_per_image
         spec["lineage"] = list(model.spec.get("lineage", [])) + ([lineage] if lineage else [])
+        spec.pop("lm_adapter", None)
         save_file(_state(model.projector), str(tmp / PROJECTOR_FILE))
         spec["vision_weights"] = None
         if _tower_needs_weights(spec["vision"]):
@@ -49,6 +51,8 @@ def save_run(model, out_dir: str | Path, lineage: dict | None = None, projector_
             if not spec["lm"].get("path"):
                 raise ValueError("projector-only save needs an LM loaded from a dir (lm.path), not a random init")
             spec["lm_dir"] = None
+        elif hasattr(model.lm, "peft_config"):
+            _save_lora(model, tmp, spec)
         else:
             model.lm.save_pretrained(tmp / LM_SUBDIR, safe_serialization=True)
             model.tokenizer.save_pretrained(tmp / LM_SUBDIR)
@@ -59,6 +63,21 @@ def save_run(model, out_dir: str | Path, lineage: dict | None = None, projector_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _save_lora(model, tmp: Path, spec: dict) -> None:
+    """LoRA LM: the peft adapter in lm_adapter/ plus its base LM (by lm.path reference when the base is that
+    unchanged dir, i.e. no earlier stage trained it; else the base weights in lm/). Loading merges them."""
+    model.lm.save_pretrained(tmp / LORA_SUBDIR)  # adapter_config.json + adapter_model.safetensors
+    spec["lm_adapter"] = LORA_SUBDIR
+    if spec["lm"].get("path") and not model.spec.get("lineage"):
+        spec["lm_dir"] = None
+        return
+    base = model.lm.get_base_model()
+    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    base.save_pretrained(tmp / LM_SUBDIR, state_dict=state, safe_serialization=True)
+    model.tokenizer.save_pretrained(tmp / LM_SUBDIR)
+    spec["lm_dir"] = LM_SUBDIR
 
 
 def _move_into(src: Path, dst: Path) -> None:
@@ -109,6 +128,10 @@ def load_run(run_dir: str | Path):
         lm_cfg.path = str(run_dir / spec["lm_dir"])
         lm_cfg.tokenizer = None
     lm, tokenizer, image_token_id = load_lm(lm_cfg)
+    if spec.get("lm_adapter"):  # a LoRA run: merge its adapter into the base LM
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(run_dir / spec["lm_adapter"])).merge_and_unload()
     projector = Projector(spec["projector"]["type"], vision.hidden_size, lm.get_input_embeddings().embedding_dim,
                           vision.grid)
     load_strict(projector, run_dir / PROJECTOR_FILE)

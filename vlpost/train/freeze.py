@@ -8,7 +8,12 @@ from vlpost.config import FreezeConfig, TrainConfig
 
 
 def apply_freeze(model, cfg: FreezeConfig) -> None:
-    """Set requires_grad per module; wrap the LM with LoRA adapters when `cfg.lm == "lora"`."""
+    """Set requires_grad per module; wrap the LM with LoRA adapters when `cfg.lm == "lora"`.
+
+    An LM loaded with adapters from an earlier LoRA run is merged first: each stage trains on that run's weights.
+    """
+    if is_peft(model.lm):
+        model.lm = model.lm.merge_and_unload()
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(cfg.projector == "train")
     if cfg.lm == "lora":
@@ -30,6 +35,30 @@ def add_lora(lm: nn.Module, cfg: FreezeConfig) -> nn.Module:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
     return get_peft_model(lm, lora)
+
+
+def is_peft(lm: nn.Module) -> bool:
+    """A peft-wrapped LM (LoRA adapters); checked without importing peft for plain LMs."""
+    if not hasattr(lm, "peft_config"):
+        return False
+    from peft import PeftModel
+
+    return isinstance(lm, PeftModel)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute the LM's activations in backward (non-reentrant); the frozen tower is never checkpointed.
+
+    Non-reentrant checkpointing passes gradients to the projector even when the LM and its embeddings are
+    frozen; `enable_input_require_grads` also covers code paths that fall back to reentrant checkpointing.
+    """
+    lm = model.lm
+    if not getattr(lm, "supports_gradient_checkpointing", True):
+        raise ValueError(f"train.gradient_checkpointing: {type(lm).__name__} does not support it; set it to false")
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+    if not lm.get_input_embeddings().weight.requires_grad:
+        lm.enable_input_require_grads()
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def start_run(args, stage: str) -> Run:
     ensure_tokenizer(run)
     if run.is_main:
         record_run(out, cfg)
+    if args.resume and not cfg.train.resume_from:
+        cfg.train.resume_from = "latest"  # the Trainer loads <out>/checkpoints/step-<latest> in fit()
     return run
 
 
@@ -89,11 +92,15 @@ def sft_batches(data: DataConfig, model, kind: str, run: Run, batch_size: int) -
                            seed=run.cfg.train.seed)
     encoder = ChatEncoder(model.tokenizer, model.tokens_per_image, max_length=data.max_length)
     return BatchStream(source, ExampleEncoder(encoder, model.image_transform), batch_size=batch_size,
-                       pad_id=model.tokenizer.pad_token_id, packing=data.packing, max_length=data.max_length)
+                       pad_id=model.tokenizer.pad_token_id, packing=data.packing, max_length=data.max_length,
+                       group_by_length=data.group_by_length, buffer_size=data.buffer_size, seed=run.cfg.train.seed)
 
 
 def finish_run(run: Run, trainer, *, projector_only: bool = False, extra: dict | None = None) -> dict:
-    """Save the model (projector-only when the LM did not train), plot curves, write summary.json."""
+    """Save the model (projector-only when the LM did not train), plot curves, write summary.json.
+
+    Collective: call it on every rank (the save gathers ZeRO-3 partitions).
+    """
     acc = run.accelerator
     model = trainer.unwrapped_model()
     lineage = {"stage": run.stage, "run_dir": str(run.out.resolve()), "init_from": run.cfg.model.init_from,
@@ -102,8 +109,12 @@ def finish_run(run: Run, trainer, *, projector_only: bool = False, extra: dict |
                "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
                "seconds": round(time.perf_counter() - run.started, 2),
                "skipped": dict(getattr(trainer.batches, "skipped", {})), **(extra or {})}
+    gather = getattr(trainer, "full_weights", nullcontext)
+    with gather():  # every rank: under ZeRO-3 the parameters are gathered for the save
+        if run.is_main:
+            model.save_pretrained(run.out, lineage=lineage,
+                                  projector_only=projector_only and bool(model.spec["lm"].get("path")))
     if run.is_main:
-        model.save_pretrained(run.out, lineage=lineage, projector_only=projector_only and bool(model.spec["lm"].get("path")))
         plot_metrics(run.out)
         (run.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         log.info("%s done: %s → %s", run.stage, {k: summary[k] for k in ("steps", "final_loss", "seconds")}, run.out)
