@@ -1,0 +1,302 @@
+"""Rollouts for RL stages: G sampled completions per prompt, one vision-tower pass per prompt; their scores.
+
+Generation is most of a GRPO step (57–90% in public reports), so the HF backend batches every completion
+of a rollout into one KV-cache `generate` call on left-padded prompts, encodes each prompt's image once
+and repeats its features for the G samples of the group, and returns the tower features so the loss pass
+never runs the tower again.
+
+Adding a vLLM backend (GPU only, not required): write a class with the same `generate(prompts, images,
+group_size, sampling) -> Rollout` and register it in `build_engine`. It would (1) serve the policy from
+an exported LLaVA-HF dir (`vlpost export --to llava-hf`), (2) call `LLM.generate` with
+`{"prompt_token_ids": ids_with_one_image_token, "multi_modal_data": {"image": pil}}` and
+`SamplingParams(n=group_size, temperature, top_p, top_k=-1 if 0, max_tokens, stop=sampling.stop)` —
+vLLM expands the image token itself, so pass the *unexpanded* ids or decode to text, (3) after every
+optimizer step push the new weights (TRL's `load_weights` pattern), and (4) still fill
+`image_features` by running our frozen tower once per prompt, because the loss pass needs them.
+Old / reference log-probs are always recomputed by the training model, so engine numerics never enter
+the importance ratio. The rest of the stage (rewards, advantages, loss) only sees the `Rollout` below.
+
+Scoring lives here too: rewards per completion (vlpost.train.rewards), the rollout metrics logged each
+step (reward per type, VQA accuracy, refusal / over-refusal rates, lengths) and greedy evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from vlpost.data.chat import ChatEncoder, SampleError
+from vlpost.data.collate import left_pad
+from vlpost.train.grpo_config import RolloutConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """N prompts × G completions; completion row i belongs to prompt i // G."""
+
+    prompt_ids: list[list[int]]  # N prompts, unpadded, image spans expanded
+    completion_ids: list[list[int]]  # N*G completions: real tokens through EOS / the stop string's last token
+    texts: list[str]  # N*G decoded completions, cut before a stop string, special tokens skipped
+    truncated: list[bool]  # N*G: ran into max_new_tokens without EOS or stop string
+    group_size: int
+    image_index: list[int | None]  # per prompt: row of image_features, or None (text-only)
+    image_features: torch.Tensor | None  # (N_img, P_v, D_v) frozen-tower output, one row per image
+    image_embeds: torch.Tensor | None  # (N_img, tokens_per_image, D) projected, as used for generation
+    seconds: float = 0.0  # wall time of generate(), vision encode included
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.completion_ids]
+
+
+class RolloutEngine(Protocol):
+    """What the RL stage needs from a generator; the HF backend below, vLLM later (module docstring)."""
+
+    def generate(self, prompts: list[list[int]], images: list[Image.Image | None], group_size: int,
+                 sampling: RolloutConfig) -> Rollout: ...
+
+
+class StopOnStrings(StoppingCriteria):
+    """Marks a row done once its generated text contains one of `stops` (checked on a short token tail)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.tail = max((len(s) for s in self.stops), default=0) + 2  # a token decodes to >= 1 char
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        # input_ids (B, T_new): with inputs_embeds, HF passes only the generated tokens
+        tails = self.tokenizer.batch_decode(input_ids[:, -self.tail:], skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stops) for text in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def sampling_kwargs(sampling: RolloutConfig) -> dict:
+    """HF generate kwargs; top_k=0 is passed explicitly because HF's default is 50."""
+    if sampling.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k}
+
+
+def _stop_end(tokens: list[int], tokenizer, stops: list[str]) -> int | None:
+    """Smallest k with a stop string in decode(tokens[:k]), by bisection (prefix texts only grow)."""
+    if not stops or not any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stops):
+        return None
+    low, high = 1, len(tokens)
+    while low < high:
+        mid = (low + high) // 2
+        if any(s in tokenizer.decode(tokens[:mid], skip_special_tokens=True) for s in stops):
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def finish_completion(tokens: list[int], tokenizer, eos_ids: set[int], stops: list[str]) -> tuple[list[int], str, bool]:
+    """Raw generated ids → (kept ids through EOS or the stop string's last token, text, truncated)."""
+    end = next((i + 1 for i, tok in enumerate(tokens) if tok in eos_ids), None)
+    kept = tokens if end is None else tokens[:end]
+    stop_end = _stop_end(kept, tokenizer, stops)
+    if stop_end is not None:
+        kept = kept[:stop_end]
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    if stop_end is not None:
+        text = text[: min(text.find(s) for s in stops if s in text)]
+    return kept, text, end is None and stop_end is None
+
+
+class HFRolloutEngine:
+    """transformers `generate` with KV cache on one VisionLanguageModel; the tower runs once per prompt image."""
+
+    def __init__(self, model, autocast=None):
+        self.model = model
+        self.autocast = autocast  # e.g. accelerator.autocast, so generation runs in the training precision
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image | None]) -> tuple[list[int | None], torch.Tensor | None,
+                                                                        torch.Tensor | None]:
+        """Tower + projector once per image → (per-prompt image row, tower features, projected embeds)."""
+        index, present = [], []
+        for image in images:
+            index.append(len(present) if image is not None else None)
+            if image is not None:
+                present.append(image)
+        if not present:
+            return index, None, None
+        model = self.model
+        pixel_values = model.pixel_values(present).to(model.device, model.vision.dtype)
+        features = model.vision(pixel_values)  # (N_img, P_v, D_v)
+        embeds = model.projector(features.to(next(model.projector.parameters()).dtype))  # (N_img, tpi, D)
+        return index, features, embeds
+
+    def generate(self, prompts: list[list[int]], images: list[Image.Image | None], group_size: int,
+                 sampling: RolloutConfig) -> Rollout:
+        started = time.perf_counter()
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            image_index, features, embeds = self.encode_images(images)
+            rows = [(p, image_index[p]) for p in range(len(prompts)) for _ in range(group_size)]
+            chunk = sampling.generation_batch_size or len(rows)
+            raw: list[list[int]] = []
+            for start in range(0, len(rows), chunk):
+                raw.extend(self._generate_rows(prompts, rows[start:start + chunk], embeds, sampling))
+        finally:
+            model.train(was_training)
+        tokenizer = model.tokenizer
+        eos_ids = {tokenizer.eos_token_id} | _config_eos(model)
+        finished = [finish_completion(tokens, tokenizer, eos_ids, sampling.stop) for tokens in raw]
+        return Rollout(
+            prompt_ids=[list(p) for p in prompts], completion_ids=[f[0] for f in finished],
+            texts=[f[1] for f in finished], truncated=[f[2] for f in finished], group_size=group_size,
+            image_index=image_index, image_features=features, image_embeds=embeds,
+            seconds=time.perf_counter() - started,
+        )
+
+    @torch.no_grad()
+    def _generate_rows(self, prompts: list[list[int]], rows: list[tuple[int, int | None]],
+                       embeds: torch.Tensor | None, sampling: RolloutConfig) -> list[list[int]]:
+        """One batched generate over (prompt index, image row) pairs → raw new ids per row."""
+        model = self.model
+        input_ids, attention_mask = left_pad([prompts[p] for p, _ in rows], model.tokenizer.pad_token_id)
+        image_rows = [img for _, img in rows if img is not None]
+        row_embeds = embeds[image_rows] if image_rows else None  # (rows with images, tpi, D): G views of one encode
+        kwargs = sampling_kwargs(sampling)
+        kwargs["suppress_tokens"] = [model.image_token_id]  # a sampled <image> id would break the loss-pass splice
+        if sampling.stop:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(model.tokenizer, sampling.stop)])
+        context = self.autocast() if self.autocast else nullcontext()
+        with context:
+            new = model.generate(input_ids.to(model.device), attention_mask.to(model.device),
+                                 image_embeds=row_embeds, max_new_tokens=sampling.max_new_tokens, **kwargs)
+        return new.tolist()
+
+
+def _config_eos(model) -> set[int]:
+    """EOS ids from the LM's generation config (an int or a list), besides the tokenizer's."""
+    eos = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, list | tuple) else {int(eos)}
+
+
+def build_engine(backend: str, model, autocast=None) -> RolloutEngine:
+    """The rollout backend named by `rollout.backend`."""
+    if backend == "hf":
+        return HFRolloutEngine(model, autocast=autocast)
+    raise ValueError(f"rollout.backend {backend!r} unknown; available: hf (see vlpost/train/rollout.py for vLLM)")
+
+
+# ---------------------------------------------------------------- scoring rollouts
+
+
+@dataclass
+class ScoredRound:
+    """One generate() call's completions with their samples and raw rewards, for metrics."""
+
+    texts: list[str]
+    samples: list[dict]
+    rewards: torch.Tensor  # raw (B,)
+    lengths: list[int]
+    truncated: list[bool]
+
+
+def encode_prompt_sample(encoder: ChatEncoder, sample: dict, image) -> list[int]:
+    """A kind "prompt" sample's generation prompt ids; SampleError (skipped and counted) when unusable."""
+    sample_id = str(sample.get("meta", {}).get("id", "?"))
+    if sample.get("kind") != "prompt" or "reward" not in sample:
+        raise SampleError(sample_id, "wrong kind", "GRPO needs kind 'prompt' samples with a 'reward'")
+    return encoder.encode_prompt(sample["prompt"], sample_id=sample_id, num_images=0 if image is None else 1)
+
+
+def default_rewards(texts: list[str], samples: list[dict]):
+    from vlpost.train.rewards import compute_rewards
+
+    return compute_rewards(texts, samples)
+
+
+def as_rewards(result, expected: int) -> torch.Tensor:
+    """A reward function's output ((rewards, per_type) or rewards) → float32 (B,)."""
+    rewards = result[0] if isinstance(result, tuple) else result
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+    if rewards.numel() != expected:
+        raise ValueError(f"reward function returned {rewards.numel()} rewards for {expected} completions")
+    return rewards
+
+
+def rollout_metrics(rounds: list[ScoredRound]) -> dict[str, float]:
+    """Reward mean/std overall and per type, VQA accuracy, refusal / over-refusal rates, lengths."""
+    from vlpost.eval.safety import is_refusal
+    from vlpost.eval.vqa import vqa_accuracy
+
+    texts = [t for r in rounds for t in r.texts]
+    samples = [s for r in rounds for s in r.samples]
+    rewards = torch.cat([r.rewards for r in rounds])
+    lengths = torch.tensor([n for r in rounds for n in r.lengths], dtype=torch.float32)
+    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(correction=0)),
+           "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
+           "completion/truncated_share": sum(t for r in rounds for t in r.truncated) / len(texts)}
+    types = [s["reward"]["type"] for s in samples]
+    for kind in sorted(set(types)):
+        chosen = rewards[[i for i, t in enumerate(types) if t == kind]]
+        out[f"reward/{kind}/mean"] = float(chosen.mean())
+        out[f"reward/{kind}/std"] = float(chosen.std(correction=0))
+    vqa = [vqa_accuracy(t, s["reward"]["answers"]) for t, s in zip(texts, samples) if s["reward"]["type"] == "vqa"]
+    if vqa:
+        out["accuracy/vqa"] = sum(vqa) / len(vqa)
+    for name, sensitive in (("refusal/rate", True), ("refusal/over_rate", False)):
+        hits = [is_refusal(t) for t, s in zip(texts, samples)
+                if s["reward"]["type"] == "refusal" and bool(s["reward"].get("sensitive")) == sensitive]
+        if hits:
+            out[name] = sum(hits) / len(hits)
+    return out
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_prompts(engine: RolloutEngine, model, items: list, sampling: RolloutConfig,
+                     reward_fn: Callable | None = None, max_prompt_length: int = 2048) -> dict[str, float]:
+    """Greedy completions for prompt samples → rollout_metrics (reward, VQA accuracy, refusal rates)."""
+    encoder = ChatEncoder(model.tokenizer, model.tokens_per_image, max_length=max_prompt_length)
+    usable = []
+    for sample, image in items:
+        try:
+            usable.append((sample, image, encode_prompt_sample(encoder, sample, image)))
+        except SampleError as err:
+            log.warning("eval: skipped %s", err)
+    if not usable:
+        return {}
+    greedy = dataclasses.replace(sampling, temperature=0.0)
+    rollout = engine.generate([u[2] for u in usable], [u[1] for u in usable], 1, greedy)
+    samples = [u[0] for u in usable]
+    rewards = as_rewards((reward_fn or default_rewards)(rollout.texts, samples), len(samples))
+    return rollout_metrics([ScoredRound(rollout.texts, samples, rewards, rollout.lengths, rollout.truncated)])
+
+
+def eval_items(data, n: int) -> list:
+    """Held-out synthetic prompts (half VQA, half safety) or, with shards, the first n prompt samples."""
+    if n <= 0:
+        return []
+    if data.shards:
+        from vlpost.data.shards import ShardStream
+
+        return list(itertools.islice(ShardStream(data.shards, shuffle=False, loop=False), n))
+    from vlpost.data.synthetic import SyntheticWorld
+
+    world = SyntheticWorld(seed=data.synthetic_seed, image_size=data.image_size)
+    records = itertools.chain(world.eval_records("vqa", n - n // 2), world.eval_records("safety", n // 2))
+    return [(r.sample, r.image) for r in records]
