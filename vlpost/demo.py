@@ -50,7 +50,15 @@ class Demo:
         return round(time.perf_counter() - started, 1)
 
     def vlpost(self, title: str, *args: str) -> float:
-        return self._run(title, [self.python, "-m", "vlpost.cli", *args])
+        """A `vlpost` command, run in this process (same code path as the console script, no start-up cost)."""
+        from vlpost.cli import main
+
+        print(f"\n=== {title}\n$ vlpost {' '.join(args)}", flush=True)
+        started = time.perf_counter()
+        code = main(list(args))
+        if code:
+            raise RuntimeError(f"`vlpost {' '.join(args)}` exited with {code}")
+        return round(time.perf_counter() - started, 1)
 
     def stage(self, name: str, *overrides: str) -> dict:
         run_dir = self.out / name

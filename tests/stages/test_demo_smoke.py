@@ -1,0 +1,26 @@
+"""`make demo-smoke`: every stage of the demo runs, chains through run dirs, and the report has every key."""
+
+import json
+
+import pytest
+
+from vlpost.demo import TARGETS, run_demo
+
+
+@pytest.mark.slow
+def test_demo_smoke_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    report = run_demo(out, smoke=True)
+    for stage in ("bootstrap", "align", "sft", "dpo", "grpo"):
+        assert (out / stage / "summary.json").is_file(), stage
+        assert report[stage]["steps"] > 0
+    for stage in ("align", "sft", "dpo", "grpo"):
+        assert (out / stage / "vlpost.json").is_file(), stage
+    lineage = json.loads((out / "grpo" / "vlpost.json").read_text())["lineage"]
+    assert [entry["stage"] for entry in lineage] == ["align", "sft", "dpo", "grpo"]
+    written = json.loads((out / "report.json").read_text())
+    for key in [*TARGETS, "final.vqa_accuracy", "demo.seconds", "align.caption_loss"]:
+        section, name = key.split(".")
+        assert name in written[section], key
+    assert set(written["demo"]["targets"]) == {*TARGETS, "final.vqa_accuracy"}
+    assert (out / "report.html").is_file()
