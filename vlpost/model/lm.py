@@ -48,16 +48,39 @@ def load_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     if cfg.path is not None:
         if not Path(cfg.path).is_dir():
             raise FileNotFoundError(f"lm.path not found: {cfg.path} (a local save_pretrained dir)")
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except (RuntimeError, ValueError) as err:
+            wrong = weight_shape_mismatches(Path(cfg.path), trust_remote_code=cfg.trust_remote_code)
+            if wrong:
+                raise ValueError(f"LM weights in {cfg.path} do not fit its config.json: {wrong[:5]}") from err
+            raise
     else:
         config = random_lm_config(cfg, vocab_size=len(tokenizer))
         config._attn_implementation = cfg.attn_implementation
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     image_token_id = add_special_tokens(model, tokenizer)
     return model, tokenizer, image_token_id
+
+
+def weight_shape_mismatches(path: Path, trust_remote_code: bool = False) -> list[str]:
+    """'file: tensor (saved shape) != (config shape)' for every safetensors tensor that does not fit config.json."""
+    from safetensors import safe_open
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    wrong = []
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shape = tuple(handle.get_slice(key).get_shape())
+                if key in expected and shape != expected[key]:
+                    wrong.append(f"{file.name}: {key} {shape} != {expected[key]}")
+    return wrong
 
 
 def add_special_tokens(model, tokenizer) -> int:

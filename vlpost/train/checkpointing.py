@@ -168,6 +168,10 @@ def load_trainable(model, path: Path) -> None:
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the trainable parameters (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}); was freeze.* changed since it was written?")
+    wrong = [f"{name} {tuple(state[name].shape)} != {tuple(getattr(p, 'ds_shape', p.shape))}"
+             for name, p in params.items() if tuple(state[name].shape) != tuple(getattr(p, "ds_shape", p.shape))]
+    if wrong:
+        raise ValueError(f"checkpoint {path} has tensors of the wrong shape: {wrong[:5]}")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name].to(param.device, param.dtype))

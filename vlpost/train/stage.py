@@ -96,6 +96,11 @@ def sft_batches(data: DataConfig, model, kind: str, run: Run, batch_size: int) -
                        group_by_length=data.group_by_length, buffer_size=data.buffer_size, seed=run.cfg.train.seed)
 
 
+def _reader_skips(batches) -> dict:
+    stats = getattr(getattr(batches, "source", None), "stats", None) or {}
+    return dict(stats.get("skipped", {})) if isinstance(stats, dict) else {}
+
+
 def finish_run(run: Run, trainer, *, projector_only: bool = False, extra: dict | None = None) -> dict:
     """Save the model (projector-only when the LM did not train), plot curves, write summary.json.
 
@@ -108,7 +113,8 @@ def finish_run(run: Run, trainer, *, projector_only: bool = False, extra: dict |
     summary = {"stage": run.stage, "steps": trainer.step,
                "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
                "seconds": round(time.perf_counter() - run.started, 2),
-               "skipped": dict(getattr(trainer.batches, "skipped", {})), **(extra or {})}
+               "skipped": dict(getattr(trainer.batches, "skipped", {})),  # encode-level (too long, empty mask...)
+               "skipped_reading": _reader_skips(trainer.batches), **(extra or {})}  # shard-level (corrupt...)
     gather = getattr(trainer, "full_weights", nullcontext)
     with gather():  # every rank: under ZeRO-3 the parameters are gathered for the save
         if run.is_main:
