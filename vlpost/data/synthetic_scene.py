@@ -232,29 +232,32 @@ def _draw_shape(canvas: _Canvas, shape: Shape, fill: RGB) -> None:
 # Person layout (unit coords, relative to the slot centre x).
 HEAD_Y, HEAD_R = 0.30, 0.065
 SHIRT_TOP, SHIRT_BOTTOM, SHIRT_HALF_WIDTH = 0.38, 0.64, 0.075
-HAND_Y, HAND_DX = 0.60, 0.13
+HAND_Y, HAND_DX = 0.60, 0.12
 FEET_Y = 0.90
 
 
+OBJECT_SCALE = 1.4  # held objects are the smallest things a question asks about; keep them legible at 64 px
+
+
 def _draw_held(canvas: _Canvas, held: str, x: float, y: float) -> None:
-    color = OBJECT_COLORS[held]
+    color, k = OBJECT_COLORS[held], OBJECT_SCALE
     if held == "ball":
-        canvas.ellipse(x, y + 0.035, 0.04, 0.04, color, outline=(30, 30, 30), width=0.008)
+        canvas.ellipse(x, y + 0.03 * k, 0.04 * k, 0.04 * k, color, outline=(30, 30, 30), width=0.008)
     elif held == "cup":
-        canvas.polygon([(x - 0.035, y - 0.02), (x + 0.035, y - 0.02), (x + 0.025, y + 0.05), (x - 0.025, y + 0.05)],
-                       color)
-        canvas.ellipse(x + 0.045, y + 0.01, 0.015, 0.02, None, outline=color, width=0.01)
+        canvas.polygon([(x - 0.035 * k, y - 0.02 * k), (x + 0.035 * k, y - 0.02 * k),
+                        (x + 0.025 * k, y + 0.05 * k), (x - 0.025 * k, y + 0.05 * k)], color)
+        canvas.ellipse(x + 0.045 * k, y + 0.01 * k, 0.015 * k, 0.02 * k, None, outline=color, width=0.01)
     elif held == "umbrella":
         canvas.line([(x, y + 0.02), (x, y - 0.30)], color, 0.012)
         canvas.pieslice(x, y - 0.28, 0.09, 180, 360, color)
     elif held == "book":
-        canvas.rect(x - 0.035, y - 0.045, x + 0.035, y + 0.045, color)
-        canvas.line([(x, y - 0.045), (x, y + 0.045)], (240, 240, 240), 0.006)
+        canvas.rect(x - 0.035 * k, y - 0.045 * k, x + 0.035 * k, y + 0.045 * k, color)
+        canvas.line([(x, y - 0.045 * k), (x, y + 0.045 * k)], (240, 240, 240), 0.006)
     elif held == "flower":
-        canvas.line([(x, y + 0.05), (x, y - 0.04)], (30, 140, 40), 0.01)
+        canvas.line([(x, y + 0.05 * k), (x, y - 0.04 * k)], (30, 140, 40), 0.01)
         for dx, dy in ((0.025, 0.0), (-0.025, 0.0), (0.0, 0.025), (0.0, -0.025)):
-            canvas.ellipse(x + dx, y - 0.06 + dy, 0.02, 0.02, color)
-        canvas.ellipse(x, y - 0.06, 0.012, 0.012, (250, 220, 40))
+            canvas.ellipse(x + dx * k, y + (dy - 0.06) * k, 0.02 * k, 0.02 * k, color)
+        canvas.ellipse(x, y - 0.06 * k, 0.012 * k, 0.012 * k, (250, 220, 40))
     else:
         raise ValueError(f"unknown held object {held!r}; expected one of {OBJECTS}")
 
