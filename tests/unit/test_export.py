@@ -102,6 +102,11 @@ def test_export_merged_and_llava_hf_give_identical_logits(lora_run, tmp_path):
                         return_tensors="pt")
     assert int((encoded["input_ids"] == model.image_token_id).sum()) == model.tokens_per_image
     assert tuple(encoded["pixel_values"].shape) == (1, 3, 32, 32)
+    # the exported config stops generation where our tokenizer ends a turn (not at Llama's default ids)
+    tokenizer = model.tokenizer
+    text_config = hf.config.text_config
+    assert (text_config.eos_token_id, text_config.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert hf.generation_config.eos_token_id == tokenizer.eos_token_id
 
 
 def test_export_refuses_what_llava_hf_cannot_express(make_model, tmp_path, capsys):

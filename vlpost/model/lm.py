@@ -20,13 +20,17 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def random_lm_config(cfg: LMConfig, vocab_size: int):
-    """A small Llama/Qwen2 config for tests and the demo's random-init path."""
+def random_lm_config(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase):
+    """A small Llama/Qwen2 config for tests and the demo's random-init path, with the tokenizer's special ids
+    (else the config keeps the architecture's defaults, e.g. Llama's eos 2, and an exported model stops early)."""
     if cfg.arch not in RANDOM_INIT_ARCHS:
         raise ValueError(f"lm.arch={cfg.arch!r}: random init supports {RANDOM_INIT_ARCHS}; use lm.path for others")
     return AutoConfig.for_model(
         cfg.arch,
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
@@ -59,7 +63,7 @@ def load_lm(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase | None = None):
                 raise ValueError(f"LM weights in {cfg.path} do not fit its config.json: {wrong[:5]}") from err
             raise
     else:
-        config = random_lm_config(cfg, vocab_size=len(tokenizer))
+        config = random_lm_config(cfg, tokenizer)
         config._attn_implementation = cfg.attn_implementation
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     image_token_id = add_special_tokens(model, tokenizer)

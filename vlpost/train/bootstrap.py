@@ -122,7 +122,7 @@ def pretrain_tiny_lm(spec: LMSpec, tokenizer, texts: list[str], out_dir: Path) -
 
     from vlpost.model.lm import add_special_tokens, random_lm_config
 
-    config = random_lm_config(spec.model, vocab_size=len(tokenizer))
+    config = random_lm_config(spec.model, tokenizer)
     model = AutoModelForCausalLM.from_config(config)
     add_special_tokens(model, tokenizer)
     eos = tokenizer.eos_token_id
