@@ -15,8 +15,9 @@ excluded) through each side's own training loop, data path included, and reports
   dpo    pairs/s                  LM (tower + projector frozen), full   vlpost: one image pass per pair, reference
                                   fine-tuning, sigmoid, beta 0.1        log-probs cached before training (its fill
                                                                         time is reported too)
-  grpo   completions/s            LM, G completions per prompt,         vlpost: one tower pass per prompt, one
-                                  beta 0, one iteration, token-mean     KV-cache generate over the whole rollout
+  grpo   completions/s            LM, G completions per prompt,         vlpost: one tower pass and one LM prefill
+                                  beta 0, one iteration, token-mean     per prompt (rollout.shared_prefill), one
+                                                                        generate over the whole rollout
 
 TRL runs its documented defaults for VLMs except where they would make the runs differ in what they compute
 (bf16 and gradient checkpointing, on by default in TRL, are off on both sides; TRL's vision trainers refuse

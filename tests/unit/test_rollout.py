@@ -1,4 +1,7 @@
-"""Rollouts: batched greedy == one-by-one, one tower pass per prompt, stop strings, exact stored-feature loss pass."""
+"""Rollouts: batched greedy == one-by-one, one tower pass per prompt, shared prefill == per-row prefill (and one
+LM pass per prompt), stop strings, exact stored-feature loss pass."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -72,6 +75,113 @@ def test_tower_runs_once_per_prompt_image(make_model):
     assert len(rollout.completion_ids) == 16
     assert rollout.image_index == [0, 1, 2, None]
     assert rollout.image_features.shape[0] == 3 and rollout.image_embeds.shape[:2] == (3, model.tokens_per_image)
+
+
+def mixed_prompts(model):
+    """3 image prompts of different lengths + 1 text-only prompt, and their images."""
+    prompts = encode(model, QUESTIONS) + encode(model, ["describe the image"], with_image=False)
+    return prompts, [Image.new("RGB", (32, 32), c) for c in COLOURS] + [None]
+
+
+def both_ways(engine, prompts, images, group_size, sampling, seed=None):
+    """The same rollout with shared prefill off and on (re-seeded alike when `seed` is given)."""
+    out = []
+    for shared in (False, True):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out.append(engine.generate(prompts, images, group_size, dataclasses.replace(sampling, shared_prefill=shared)))
+    return out
+
+
+@pytest.mark.parametrize("arch,template", [("llama", "chatml"), ("qwen2", "chatml"), ("llama", "llama3")])
+def test_shared_prefill_greedy_equals_per_row_prefill(make_model, arch, template):
+    """G=3, mixed lengths, images + text-only, text-only alone, chunked: token-identical to the per-row path."""
+    model = make_model(arch=arch, template=template, seed=6)
+    prompts, images = mixed_prompts(model)
+    assert len({len(p) for p in prompts}) == 4
+    engine = HFRolloutEngine(model)
+    greedy = RolloutConfig(temperature=0, max_new_tokens=9)
+    cases = [(prompts, images, greedy), (prompts[3:] + encode(model, QUESTIONS, with_image=False), [None] * 4, greedy),
+             (prompts, images, dataclasses.replace(greedy, generation_batch_size=7))]  # 2 prompts (6 rows) a call
+    for case_prompts, case_images, sampling in cases:
+        per_row, shared = both_ways(engine, case_prompts, case_images, 3, sampling)
+        assert shared.completion_ids == per_row.completion_ids
+        assert shared.texts == per_row.texts and shared.truncated == per_row.truncated
+        assert shared.image_index == per_row.image_index and shared.prompt_ids == per_row.prompt_ids
+        assert len({tuple(ids) for ids in shared.completion_ids}) > 1  # the prompts really answer differently
+
+
+def test_shared_prefill_through_lora_adapters(make_model):
+    """A peft-wrapped LM (adapters that change the answers): the prefill runs through the adapters too."""
+    from vlpost.config import FreezeConfig
+    from vlpost.train.freeze import apply_freeze
+
+    model = make_model(seed=6)
+    prompts, images = mixed_prompts(model)
+    engine, greedy = HFRolloutEngine(model), RolloutConfig(temperature=0, max_new_tokens=8)
+    plain = engine.generate(prompts, images, 3, greedy)
+    apply_freeze(model, FreezeConfig(lm="lora", projector="frozen", lora_r=4))
+    torch.manual_seed(0)
+    for name, param in model.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    per_row, shared = both_ways(engine, prompts, images, 3, greedy)
+    assert shared.completion_ids == per_row.completion_ids != plain.completion_ids
+
+
+def test_shared_prefill_one_token_prompts(make_model):
+    """A 1-token prompt next to a long one (an all-pad prefill row) and a batch of 1-token prompts (per-row path)."""
+    model = make_model(seed=1)
+    engine = HFRolloutEngine(model)
+    greedy = RolloutConfig(temperature=0, max_new_tokens=6)
+    for prompts in ([[40], encode(model, ["hello"], with_image=False)[0]], [[40], [41]]):
+        per_row, shared = both_ways(engine, prompts, [None] * len(prompts), 3, greedy)
+        assert shared.completion_ids == per_row.completion_ids
+
+
+def count_layer_tokens(model) -> list[tuple[int, int]]:
+    """(batch, positions) of every call of the LM's first decoder layer."""
+    calls: list[tuple[int, int]] = []
+    layer = model.lm.model.layers[0]
+    layer.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape[:2])))
+    return calls
+
+
+def test_shared_prefill_runs_the_lm_over_each_prompt_once(make_model):
+    """N=4 prompts × G=3: the LM sees N × (width - 1) prompt positions once, then only 1-token steps of N*G rows;
+    the per-row path prefills N*G × width."""
+    model = make_model(seed=2)
+    prompts, images = mixed_prompts(model)
+    width, n, G = max(len(p) for p in prompts), len(prompts), 3
+    engine = HFRolloutEngine(model)
+    calls = count_layer_tokens(model)
+    engine.generate(prompts, images, G, RolloutConfig(temperature=1.0, max_new_tokens=5))
+    assert calls[0] == (n, width - 1)  # the shared prefill: every prompt once, all but its last token
+    assert calls[1:] and all(call == (n * G, 1) for call in calls[1:])  # last prompt token, then decoding
+    calls.clear()
+    engine.generate(prompts, images, G, RolloutConfig(temperature=1.0, max_new_tokens=5, shared_prefill=False))
+    assert calls[0] == (n * G, width) and all(call == (n * G, 1) for call in calls[1:])
+
+
+def test_shared_prefill_sampled_rollouts_are_valid(make_model):
+    """Sampling with a fixed seed: valid lengths, truncation flags and texts, and the very rollout of the per-row
+    path (same logits, same row order, so the same draws)."""
+    model = make_model(seed=3)
+    prompts, images = mixed_prompts(model)
+    engine = HFRolloutEngine(model)
+    tokenizer, eos = model.tokenizer, model.tokenizer.eos_token_id
+    for sampling in (RolloutConfig(temperature=1.0, max_new_tokens=8),
+                     RolloutConfig(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=8, stop=["e"])):
+        per_row, shared = both_ways(engine, prompts, images, 3, sampling, seed=11)
+        assert len(shared.completion_ids) == len(shared.texts) == len(shared.truncated) == 12
+        assert shared.group_size == 3 and shared.image_index == [0, 1, 2, None]
+        for ids, text, truncated in zip(shared.completion_ids, shared.texts, shared.truncated):
+            assert 1 <= len(ids) <= sampling.max_new_tokens and model.image_token_id not in ids
+            if truncated:
+                assert len(ids) == sampling.max_new_tokens and eos not in ids
+            assert finish_completion(ids, tokenizer, {eos}, sampling.stop)[1:] == (text, truncated)
+            assert not any(stop in text for stop in sampling.stop)
+        assert shared.completion_ids == per_row.completion_ids
 
 
 def test_finish_completion_eos_and_stop_strings(make_model):

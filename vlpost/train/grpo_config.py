@@ -25,6 +25,8 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)  # completions end after the first stop string
     generation_batch_size: int = 0  # completions per generate() call; 0 = the whole rollout at once
+    # (with shared_prefill a call holds whole groups: generation_batch_size // group_size prompts, at least one)
+    shared_prefill: bool = True  # prefill each prompt once and decode its G samples from one KV cache (hf backend)
     backend: str = "hf"  # hf (transformers generate, KV cache); see vlpost/train/rollout.py for vLLM
 
 

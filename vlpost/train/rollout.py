@@ -3,7 +3,9 @@
 Generation is most of a GRPO step (57–90% in public reports), so the HF backend batches every completion
 of a rollout into one KV-cache `generate` call on left-padded prompts, encodes each prompt's image once
 and repeats its features for the G samples of the group, and returns the tower features so the loss pass
-never runs the tower again.
+never runs the tower again. With `rollout.shared_prefill` (the default) each prompt is also prefilled once:
+the LM runs over the N unique prompts but their last token, the KV cache is repeated G times, and
+`generate` decodes the G samples per prompt from it (HF's sampling, suppression and stopping unchanged).
 
 Adding a vLLM backend (GPU only, not required): write a class with the same `generate(prompts, images,
 group_size, sampling) -> Rollout` and register it in `build_engine`. It would (1) serve the policy from
@@ -23,6 +25,7 @@ step (reward per type, VQA accuracy, refusal / over-refusal rates, lengths) and 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import time
@@ -33,7 +36,7 @@ from typing import Protocol
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from vlpost.data.chat import ChatEncoder, SampleError
 from vlpost.data.collate import left_pad
@@ -149,11 +152,19 @@ class HFRolloutEngine:
         model.eval()
         try:
             image_index, features, embeds = self.encode_images(images)
-            rows = [(p, image_index[p]) for p in range(len(prompts)) for _ in range(group_size)]
-            chunk = sampling.generation_batch_size or len(rows)
             raw: list[list[int]] = []
-            for start in range(0, len(rows), chunk):
-                raw.extend(self._generate_rows(prompts, rows[start:start + chunk], embeds, sampling))
+            if sampling.shared_prefill and group_size > 1:
+                # chunks of whole groups: generation_batch_size // G prompts (at least one) per generate call
+                per_call = max(1, sampling.generation_batch_size // group_size) if sampling.generation_batch_size \
+                    else len(prompts)
+                for start in range(0, len(prompts), per_call):
+                    chosen = [(p, image_index[p]) for p in range(start, min(start + per_call, len(prompts)))]
+                    raw.extend(self._generate_groups(prompts, chosen, embeds, group_size, sampling))
+            else:
+                rows = [(p, image_index[p]) for p in range(len(prompts)) for _ in range(group_size)]
+                chunk = sampling.generation_batch_size or len(rows)
+                for start in range(0, len(rows), chunk):
+                    raw.extend(self._generate_rows(prompts, rows[start:start + chunk], embeds, sampling))
         finally:
             model.train(was_training)
         tokenizer = model.tokenizer
@@ -174,15 +185,73 @@ class HFRolloutEngine:
         input_ids, attention_mask = left_pad([prompts[p] for p, _ in rows], model.tokenizer.pad_token_id)
         image_rows = [img for _, img in rows if img is not None]
         row_embeds = embeds[image_rows] if image_rows else None  # (rows with images, tpi, D): G views of one encode
+        with self._context():
+            new = model.generate(input_ids.to(model.device), attention_mask.to(model.device),
+                                 image_embeds=row_embeds, max_new_tokens=sampling.max_new_tokens,
+                                 **self._generate_kwargs(sampling))
+        return new.tolist()
+
+    @torch.no_grad()
+    def _generate_groups(self, prompts: list[list[int]], chosen: list[tuple[int, int | None]],
+                         embeds: torch.Tensor | None, group_size: int, sampling: RolloutConfig) -> list[list[int]]:
+        """Shared prefill: the LM runs once over the chosen (prompt index, image row) pairs but their last
+        token, the KV cache is repeated G times, and one `generate` samples G completions per prompt from it
+        → raw new ids, G consecutive rows per prompt (the row order of `_generate_rows`)."""
+        model, lm = self.model, self.model.lm
+        input_ids, attention_mask = left_pad([prompts[p] for p, _ in chosen], model.tokenizer.pad_token_id)
+        if input_ids.shape[1] < 2:  # nothing to prefill before the last token
+            rows = [row for row in chosen for _ in range(group_size)]
+            return self._generate_rows(prompts, rows, embeds, sampling)
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
+        image_rows = [img for _, img in chosen if img is not None]
+        with self._context():
+            prompt_embeds = model.embed(input_ids, image_embeds=embeds[image_rows] if image_rows else None)
+            # generate's own position ids for left-padded prompts (GenerationMixin._prepare_position_ids_for_
+            # generation): cumsum - 1, pads 0 (masked, so their value never reaches a real token)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            cache = DynamicCache(config=lm.config)
+            extra = {"logits_to_keep": 1} if _supports_logits_to_keep(lm) else {}
+            lm(inputs_embeds=prompt_embeds[:, :-1], attention_mask=attention_mask[:, :-1],
+               position_ids=position_ids[:, :-1], use_cache=True, **{_cache_kwarg(lm): cache}, **extra)
+            cache.batch_repeat_interleave(group_size)  # (N, ...) → (N*G, ...), prompt-major like the rows
+            # Full-length embeds and mask with a cache holding all but the last position: generate's prefill
+            # forwards only inputs_embeds[:, cache length:] (the last token) and returns the new tokens only.
+            new = lm.generate(
+                inputs_embeds=prompt_embeds.repeat_interleave(group_size, dim=0),
+                attention_mask=attention_mask.repeat_interleave(group_size, dim=0),
+                max_new_tokens=sampling.max_new_tokens, pad_token_id=model.tokenizer.pad_token_id,
+                eos_token_id=model.tokenizer.eos_token_id, **{_cache_kwarg(lm): cache},
+                **self._generate_kwargs(sampling),
+            )
+        return new.tolist()
+
+    def _generate_kwargs(self, sampling: RolloutConfig) -> dict:
+        model = self.model
         kwargs = sampling_kwargs(sampling)
         kwargs["suppress_tokens"] = [model.image_token_id]  # a sampled <image> id would break the loss-pass splice
         if sampling.stop:
             kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(model.tokenizer, sampling.stop)])
-        context = self.autocast() if self.autocast else nullcontext()
-        with context:
-            new = model.generate(input_ids.to(model.device), attention_mask.to(model.device),
-                                 image_embeds=row_embeds, max_new_tokens=sampling.max_new_tokens, **kwargs)
-        return new.tolist()
+        return kwargs
+
+    def _context(self):
+        return self.autocast() if self.autocast else nullcontext()
+
+
+def _base_lm(lm):
+    """The transformers model under a peft wrapper (or the LM itself)."""
+    from vlpost.train.freeze import is_peft
+
+    return lm.get_base_model() if is_peft(lm) else lm
+
+
+def _cache_kwarg(lm) -> str:
+    """The KV-cache argument's name: `cache` in recent transformers 5.x, `past_key_values` before the rename."""
+    return "cache" if "cache" in inspect.signature(type(_base_lm(lm)).forward).parameters else "past_key_values"
+
+
+def _supports_logits_to_keep(lm) -> bool:
+    """The LM head can skip all but the last position (the prefill needs no logits at all)."""
+    return "logits_to_keep" in inspect.signature(type(_base_lm(lm)).forward).parameters
 
 
 def _config_eos(model) -> set[int]:
