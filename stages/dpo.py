@@ -4,6 +4,7 @@
 
 Each pair's image is encoded once for [chosen; rejected]; the reference is the adapter-disabled policy (LoRA)
 or log-probs precomputed once and cached on disk (full fine-tuning); see vlpost/train/reference.py.
+Under ZeRO-3 the passes outside training (cache, pair eval) run on whole weights (vlpost/train/zero.py).
 """
 
 import sys
@@ -16,6 +17,7 @@ from vlpost.train.preference import DPOObjective, pair_stream, preference_eval
 from vlpost.train.reference import build_reference, data_id
 from vlpost.train.stage import finish_run, sample_source, start_run
 from vlpost.train.trainer import Trainer
+from vlpost.train.zero import whole_model
 
 EVAL_PAIRS_BATCHES = 8  # batches of training pairs scored before and after training
 
@@ -38,11 +40,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     reference, info = build_reference(cfg.dpo, cfg.freeze, model, data_name=data_id(cfg.data), accelerator=acc,
                                       precompute_batches=lambda: pairs(cfg.dpo.reference_batch_size, loop=False))
-    before = preference_eval(model, reference, first_batches())
+    with whole_model(model, acc):  # every rank; under ZeRO-3 the LM is partitioned from the start
+        before = preference_eval(model, reference, first_batches())
     objective = DPOObjective(cfg.dpo, reference, pairs_per_step=cfg.train.batch_size * cfg.train.grad_accum)
     trainer = Trainer(model, pairs(cfg.train.batch_size, loop=True), objective, cfg.train, run.out, acc, stage="dpo")
     trainer.fit()
-    after = preference_eval(trainer.unwrapped_model(), reference, first_batches())
+    with whole_model(trainer.model, acc):
+        after = preference_eval(trainer.unwrapped_model(), reference, first_batches())
     return finish_run(run, trainer, extra={**info, "pairs_before": before, "pairs_after": after})
 
 

@@ -4,7 +4,8 @@
 
 Each step generates G completions per prompt with the current policy (one KV-cache batch, one tower pass per
 prompt; see vlpost/train/rollout.py), scores them by the sample's reward type, and takes a clipped policy-gradient
-step on group advantages (vlpost/train/grpo.py). Each rank generates and normalises its own prompts' groups.
+step on group advantages (vlpost/train/grpo.py). Each rank generates and normalises its own prompts' groups;
+under ZeRO-3 rollouts and evaluation run on whole weights, rank-local (vlpost/train/zero.py).
 """
 
 import sys
@@ -18,6 +19,7 @@ from vlpost.train.metrics import plot_metrics
 from vlpost.train.rollout import build_engine, eval_items, evaluate_prompts
 from vlpost.train.stage import finish_run, sample_source, start_run
 from vlpost.train.trainer import Trainer
+from vlpost.train.zero import whole_model
 
 PLOTS = ("reward/mean", "accuracy/vqa", "refusal/rate", "refusal/over_rate", "kl", "entropy",
          "completion/length_mean", "time/generation_share")
@@ -36,15 +38,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     def evaluate() -> dict:
         model.to(acc.device)
-        return evaluate_prompts(engine, model, held_out, cfg.rollout, max_prompt_length=cfg.data.max_length)
+        with whole_model(model, acc):  # every rank enters (ZeRO-3 gathers); only the main process has prompts
+            return evaluate_prompts(engine, model, held_out, cfg.rollout, max_prompt_length=cfg.data.max_length)
 
     before = evaluate()
     source = sample_source(cfg.data, "prompt", rank=acc.process_index, world_size=acc.num_processes,
                            seed=cfg.train.seed)
+    with whole_model(model, acc):  # a copy reference copies whole weights
+        reference = build_reference(model, cfg.grpo)
     batches = GRPOBatches(model, source, engine, settings, cfg.rollout, batch_size=cfg.train.batch_size,
                           grad_accum=cfg.train.grad_accum, num_iterations=cfg.grpo.num_iterations,
-                          max_refill=cfg.grpo.max_refill, reference=build_reference(model, cfg.grpo),
-                          max_prompt_length=cfg.data.max_length, autocast=acc.autocast)
+                          max_refill=cfg.grpo.max_refill, reference=reference,
+                          max_prompt_length=cfg.data.max_length, autocast=acc.autocast,
+                          gather=lambda: whole_model(model, acc))
     trainer = Trainer(model, batches, GRPOObjective(settings), cfg.train, run.out, acc, stage="grpo")
     trainer.fit()
     after = evaluate()

@@ -13,7 +13,6 @@ frozen they carry the projected embeddings from generation and the projector doe
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ from vlpost.train.rollout import (
     encode_prompt_sample,
     rollout_metrics,
 )
+from vlpost.train.zero import plain_copy
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,26 @@ def collate_rows(rows: list[Row], pad_id: int, image_key: str) -> dict:
     return batch
 
 
-def _image_embeds(model, batch: dict, projector=None) -> torch.Tensor | None:
-    """Projected image embeddings: re-run the projector on stored tower features, or the stored embeds."""
+def _image_embeds(model, batch: dict, projector=None) -> torch.Tensor:
+    """Projected image embeddings: re-run the projector on stored tower features, or the stored embeds.
+
+    A text-only micro-batch gets zero rows, so the forward runs no vision pass of its own: every rank then calls
+    the same modules in the same order (ZeRO-3 gathers their shards in collectives). When the projector trains
+    (and grad is on), the zero rows come from projecting blank features, which keeps the projector in the graph
+    with a zero gradient, like the image ranks' projector pass.
+    """
+    core = getattr(model, "module", model)  # unwrap DDP / DeepSpeed
+    projector = projector or core.projector
     if "image_features" in batch:
-        projector = projector or getattr(model, "module", model).projector  # unwrap DDP
         return projector(batch["image_features"].to(next(projector.parameters()).dtype))
-    return batch.get("image_embeds")
+    if "image_embeds" in batch:
+        return batch["image_embeds"]
+    device, dtype = batch["input_ids"].device, next(projector.parameters()).dtype
+    if torch.is_grad_enabled() and any(p.requires_grad for p in projector.parameters()):
+        blank = torch.zeros(1, core.vision.num_patches, core.vision.hidden_size, device=device, dtype=dtype)
+        return projector(blank)[:0]
+    width = core.lm.get_input_embeddings().embedding_dim
+    return torch.zeros(0, core.tokens_per_image, width, device=device, dtype=dtype)
 
 
 def completion_logprobs(model, batch: dict, temperature: float, projector=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,11 +174,11 @@ class Reference:
             raise ValueError("grpo.reference = 'adapter' needs a LoRA policy (freeze.lm: lora)")
         self.policy, self.mode = policy, mode
         self.copy = self.projector = None
-        if mode == "copy":
+        if mode == "copy":  # ordinary parameters even under ZeRO-3 (build it inside vlpost.train.zero.whole_model)
             memo = {id(policy.vision): policy.vision, id(policy.tokenizer): policy.tokenizer}
-            self.copy = copy.deepcopy(policy, memo).requires_grad_(False).eval()
+            self.copy = plain_copy(policy, memo).requires_grad_(False).eval()
         elif any(p.requires_grad for p in policy.projector.parameters()):
-            self.projector = copy.deepcopy(policy.projector).requires_grad_(False).eval()
+            self.projector = plain_copy(policy.projector).requires_grad_(False).eval()
 
     @torch.no_grad()
     def logps(self, batch: dict, temperature: float) -> torch.Tensor:
@@ -195,7 +209,7 @@ class GRPOBatches:
     def __init__(self, model, source, engine: RolloutEngine, settings: LossSettings, rollout: RolloutConfig, *,
                  batch_size: int, grad_accum: int, num_iterations: int = 1, max_refill: int = 3,
                  reward_fn: Callable | None = None, reference: Reference | None = None,
-                 max_prompt_length: int = 2048, autocast: Callable | None = None):
+                 max_prompt_length: int = 2048, autocast: Callable | None = None, gather: Callable | None = None):
         rows = batch_size * grad_accum
         if rows % rollout.group_size:
             raise ValueError(f"{rows} completions per step is not a multiple of group_size {rollout.group_size}")
@@ -206,6 +220,9 @@ class GRPOBatches:
         self.reward_fn, self.reference = reward_fn or default_rewards, reference
         self.encoder = ChatEncoder(model.tokenizer, model.tokens_per_image, max_length=max_prompt_length)
         self.autocast = autocast or nullcontext
+        # entered once per rollout on every rank (generation + old / reference log-probs): e.g.
+        # vlpost.train.zero.whole_model under ZeRO-3, so each rank generates at its own pace without collectives
+        self.gather = gather or nullcontext
         self.project_in_loss = any(p.requires_grad for p in model.projector.parameters())
         self.skipped: Counter = Counter()
         self.prompts_drawn, self.gen_seconds, self.first_start = 0, 0.0, None
@@ -297,20 +314,22 @@ class GRPOBatches:
         gen_before = self.gen_seconds
         share = None if self.first_start is None else self.gen_seconds / max(started - self.first_start, 1e-9)
         self.first_start = self.first_start or started
-        collected = self._collect_groups()
-        if collected is None:
-            return None
-        groups, rounds, generated, dropped = collected
-        rows = sorted((row for group in groups for row in group),
-                      key=lambda r: len(r.prompt_ids) + len(r.completion_ids), reverse=True)
-        key = "image_features" if self.project_in_loss else "image_embeds"
-        pad_id = self.model.tokenizer.pad_token_id
-        device = self.model.device
-        micro = [collate_rows(rows[i:i + self.batch_size], pad_id, key) for i in range(0, len(rows), self.batch_size)]
-        step_tokens = sum(int(b["completion_mask"].sum()) for b in micro)
-        for index, batch in enumerate(micro):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            micro[index] = self._fill_logps(batch) | {"step_tokens": step_tokens}
+        with self.gather():  # every rank, once per rollout, whatever its data
+            collected = self._collect_groups()
+            if collected is None:
+                return None
+            groups, rounds, generated, dropped = collected
+            rows = sorted((row for group in groups for row in group),
+                          key=lambda r: len(r.prompt_ids) + len(r.completion_ids), reverse=True)
+            key = "image_features" if self.project_in_loss else "image_embeds"
+            pad_id = self.model.tokenizer.pad_token_id
+            device = self.model.device
+            micro = [collate_rows(rows[i:i + self.batch_size], pad_id, key)
+                     for i in range(0, len(rows), self.batch_size)]
+            step_tokens = sum(int(b["completion_mask"].sum()) for b in micro)
+            for index, batch in enumerate(micro):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                micro[index] = self._fill_logps(batch) | {"step_tokens": step_tokens}
         metrics = rollout_metrics(rounds)
         metrics["dynamic/dropped_share"] = dropped / max(generated, 1)
         metrics["dynamic/generated_groups"] = generated

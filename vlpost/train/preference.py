@@ -141,11 +141,25 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def vision_features(core, batch: dict) -> torch.Tensor | None:
-    """One tower pass over the batch's B pair images → (N_img, P, Dv), or None for a text-only batch."""
+def has_images(batch: dict) -> bool:
     pixel_values = batch.get("pixel_values")
-    if pixel_values is None or pixel_values.shape[0] == 0:
-        return None
+    return pixel_values is not None and pixel_values.shape[0] > 0
+
+
+def vision_features(core, batch: dict, placeholder: bool = False) -> torch.Tensor | None:
+    """One tower pass over the batch's B pair images → (N_img, P, Dv), or None for a text-only batch.
+
+    `placeholder` (training): a text-only batch gets the features of one blank image instead, which
+    `pair_image_embeds` projects and then cuts to zero rows. Every rank thus runs the tower and the projector in
+    the same order whatever its pairs hold (ZeRO-3 gathers their shards in collectives), and the projector stays
+    in the graph with a zero gradient (DDP) — the zero-weighted pass `VisionLanguageModel.embed` does for SFT.
+    """
+    pixel_values = batch.get("pixel_values")
+    if not has_images(batch):
+        if not placeholder:
+            return None
+        size = core.vision.visual.image_size
+        pixel_values = torch.zeros(1, 3, size[0], size[1], device=batch["input_ids"].device)
     if any(p.requires_grad for p in core.vision.parameters()):
         raise ValueError("the vision tower must be frozen in preference stages (its features are shared by the "
                          "policy and the reference); use vlpost.train.freeze.apply_freeze")
@@ -153,12 +167,17 @@ def vision_features(core, batch: dict) -> torch.Tensor | None:
         return core.vision(pixel_values.to(core.vision.dtype))
 
 
-def pair_image_embeds(projector, features: torch.Tensor | None) -> torch.Tensor | None:
-    """Project the pair images once and repeat them for the [chosen; rejected] rows → (2 N_img, tpi, D)."""
+def pair_image_embeds(projector, features: torch.Tensor | None, batch: dict | None = None) -> torch.Tensor | None:
+    """Project the pair images once and repeat them for the [chosen; rejected] rows → (2 N_img, tpi, D).
+
+    Placeholder features of a text-only `batch` (vision_features(placeholder=True)) → zero rows, still in the graph.
+    """
     if features is None:
         return None
     dtype = next(projector.parameters()).dtype
     embeds = projector(features.to(dtype))  # (N_img, tpi, D)
+    if batch is not None and not has_images(batch):
+        return embeds[:0]  # spliced nowhere; the engine's forward then runs no vision pass of its own
     return torch.cat([embeds, embeds])  # image rows of the chosen half, then of the rejected half
 
 
@@ -166,7 +185,7 @@ def lm_logits(core, lm, projector, batch: dict, features: torch.Tensor | None) -
     """Logits (2B, T, V) of `lm` with `projector` over the batch: lets a reference swap either module."""
     input_ids = batch["input_ids"]
     text = lm.get_input_embeddings()(input_ids)  # (2B, T, D)
-    image_embeds = pair_image_embeds(projector, features)
+    image_embeds = pair_image_embeds(projector, features, batch)
     if image_embeds is not None:
         text = splice(text, image_embeds.reshape(-1, text.shape[-1]), input_ids == core.image_token_id)
     return lm(inputs_embeds=text, attention_mask=batch["attention_mask"], use_cache=False).logits
@@ -175,7 +194,7 @@ def lm_logits(core, lm, projector, batch: dict, features: torch.Tensor | None) -
 def policy_logps(model, batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and token counts (2B,) through the (possibly wrapped) training model."""
     core = unwrap(model)
-    image_embeds = pair_image_embeds(core.projector, features)
+    image_embeds = pair_image_embeds(core.projector, features, batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_embeds=image_embeds)
     return sequence_logprobs(out.logits, batch["labels"])
 
@@ -198,7 +217,8 @@ class DPOObjective:
         return int(batch["pairs"])
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        features = vision_features(unwrap(model), batch)
+        training = model.training and torch.is_grad_enabled()
+        features = vision_features(unwrap(model), batch, placeholder=training)
         sums, counts = policy_logps(model, batch, features)
         ref_sums = self.reference.logps(model, batch, features).to(sums.dtype)
         return self.loss(sums, counts, ref_sums)

@@ -12,7 +12,6 @@ Every reference offers `logps(model, batch, features) -> (2B,)` summed completio
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ import torch
 
 from vlpost.train.losses import sequence_logprobs
 from vlpost.train.preference import lm_logits, unwrap, vision_features
+from vlpost.train.zero import plain_copy, whole_model
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class LiveReference:
 
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    clone = copy.deepcopy(module)
+    """A frozen copy with ordinary parameters (under ZeRO-3: made inside whole_model, kept whole on each rank)."""
+    clone = plain_copy(module)
     clone.requires_grad_(False)
     return clone.eval()
 
@@ -197,30 +198,33 @@ def build_reference(cfg, freeze, model, *, precompute_batches: Callable[[], Iter
                     data_name: str = "data", accelerator=None):
     """The reference named by `cfg.reference` (DPOLossConfig) for a model already wrapped by apply_freeze.
 
-    Call before training: the cache pass and the copies read the model's current (initial) weights.
+    Call before training, on every rank: the cache pass and the copies read the model's current (initial)
+    weights, whole even under ZeRO-3 (inside `whole_model`; each rank then computes only its own pairs).
     Returns (reference, info) where info says what was chosen and, for the cache, what was computed.
     """
     core = unwrap(model)
     mode = resolve_mode(cfg.reference, freeze.lm)
-    if mode == "adapter":
-        return adapter_reference(core, freeze.projector == "train"), {"reference": mode}
-    if mode == "copy":
-        return copy_reference(core), {"reference": mode}
+    if mode in ("adapter", "copy"):
+        with whole_model(core, accelerator):
+            if mode == "adapter":
+                return adapter_reference(core, freeze.projector == "train"), {"reference": mode}
+            return copy_reference(core), {"reference": mode}
     if precompute_batches is None:
         raise ValueError("dpo.reference=cache needs the pairs to precompute (precompute_batches)")
-    model_hash = reference_hash(core)
     rank = accelerator.process_index if accelerator is not None else 0
-    cache = ReferenceCache(Path(cfg.cache_dir) / model_hash, data_name, rank=rank)
-    about = cache.dir / "reference.json"  # for people: which model these log-probs belong to
-    if rank == 0 and not about.is_file():
-        cache.dir.mkdir(parents=True, exist_ok=True)
-        about.write_text(json.dumps({"reference_hash": model_hash, "lm": core.spec.get("lm"),
-                                     "lineage": core.spec.get("lineage", [])}, indent=2, default=str))
     device = accelerator.device if accelerator is not None else None
     if device is not None:
         core.to(device)
     autocast = accelerator.autocast if accelerator is not None else nullcontext
-    stats = cache.fill(core, precompute_batches(), autocast=autocast, device=device)
+    with whole_model(core, accelerator):  # the hash and the log-probs need the whole weights
+        model_hash = reference_hash(core)
+        cache = ReferenceCache(Path(cfg.cache_dir) / model_hash, data_name, rank=rank)
+        about = cache.dir / "reference.json"  # for people: which model these log-probs belong to
+        if rank == 0 and not about.is_file():
+            cache.dir.mkdir(parents=True, exist_ok=True)
+            about.write_text(json.dumps({"reference_hash": model_hash, "lm": core.spec.get("lm"),
+                                         "lineage": core.spec.get("lineage", [])}, indent=2, default=str))
+        stats = cache.fill(core, precompute_batches(), autocast=autocast, device=device)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     cache.load()  # every rank's lines, so any rank can look up any pair

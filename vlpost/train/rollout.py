@@ -229,6 +229,10 @@ class HFRolloutEngine:
         model = self.model
         kwargs = sampling_kwargs(sampling)
         kwargs["suppress_tokens"] = [model.image_token_id]  # a sampled <image> id would break the loss-pass splice
+        # Generation is rank-local: under ZeRO-3 callers run it inside vlpost.train.zero.whole_model (whole weights,
+        # no hooks), so HF's ZeRO-3 default (synced_gpus: every rank steps until all finish) would only wait on
+        # ranks that may not be generating at all (evaluation runs on the main process only).
+        kwargs["synced_gpus"] = False
         if sampling.stop:
             kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(model.tokenizer, sampling.stop)])
         return kwargs

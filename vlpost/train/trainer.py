@@ -24,6 +24,7 @@ from vlpost.constants import IGNORE_INDEX
 from vlpost.train import checkpointing
 from vlpost.train.freeze import enable_gradient_checkpointing, param_groups
 from vlpost.train.metrics import MetricsLogger
+from vlpost.train.zero import mark_frozen_tower_leaf
 
 log = logging.getLogger(__name__)
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids")
@@ -181,6 +182,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.deepspeed:
             fill_deepspeed_config(acc, cfg, self.model)
+            if checkpointing.zero3(acc):
+                mark_frozen_tower_leaf(self.model)  # the tower may run outside the engine's forward (DPO)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         warmup = int(cfg.warmup_ratio * cfg.steps)
         name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
