@@ -23,6 +23,7 @@ class VisionConfig:
 @dataclass
 class ProjectorConfig:
     type: str = "mlp2x_gelu"  # linear | mlp2x_gelu | pixel_shuffle
+    hidden_size: int | None = None  # width of the MLP's hidden layer; None = the LM's hidden size (LLaVA)
 
 
 @dataclass

@@ -118,3 +118,17 @@ def test_export_refuses_what_llava_hf_cannot_express(make_model, tmp_path, capsy
     visual = model.vision.visual
     visual.transformer.resblocks[0].ls_1 = torch.nn.Linear(2, 2)  # stands in for open_clip's LayerScale
     assert any("block 0 is not a plain pre-LN block" in r for r in convertible_reasons(model))
+
+
+def test_projector_hidden_size_survives_save_and_blocks_llava_hf(make_model, tmp_path):
+    from vlpost.model.projector import Projector
+    from vlpost.model.vlm import VisionLanguageModel
+
+    model = make_model()
+    model.projector = Projector("mlp2x_gelu", model.vision.hidden_size, 32, model.vision.grid, hidden_size=48)
+    model.spec["projector"]["hidden_size"] = 48
+    model.save_pretrained(tmp_path / "run")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "run")
+    assert loaded.projector.net[0].out_features == 48
+    assert torch.equal(loaded.projector.net[0].weight, model.projector.net[0].weight)
+    assert any("projector hidden size 48" in r for r in convertible_reasons(loaded))

@@ -36,6 +36,13 @@ def test_projector_tokens_per_image(kind, expected):
     assert projector(torch.randn(3, 16, 8)).shape == (3, expected, 12)
 
 
+def test_projector_hidden_size():
+    wide = Projector("mlp2x_gelu", vision_dim=8, lm_dim=12, grid=(4, 4), hidden_size=32)
+    assert [tuple(p.shape) for p in wide.parameters()] == [(32, 8), (32,), (12, 32), (12,)]
+    shuffle = Projector("pixel_shuffle", vision_dim=8, lm_dim=12, grid=(4, 4), hidden_size=20)
+    assert [tuple(p.shape) for p in shuffle.parameters()] == [(20, 32), (20,), (12, 20), (12,)]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_forward_with_images_and_labels(make_model, arch):
     model = make_model(arch=arch)

@@ -51,6 +51,9 @@ def convertible_reasons(model) -> list[str]:
     visual = model.vision.visual
     if model.projector.kind != "mlp2x_gelu":
         reasons.append(f"projector '{model.projector.kind}': LLaVA-HF's projector is Linear-GELU-Linear (mlp2x_gelu)")
+    elif model.projector.net[0].out_features != model.projector.net[2].out_features:
+        reasons.append(f"projector hidden size {model.projector.net[0].out_features}: LLaVA-HF's projector hidden "
+                       f"layer is as wide as the LM ({model.projector.net[2].out_features})")
     if getattr(visual, "class_embedding", None) is None:
         reasons.append("the tower has no class token (HF CLIP always prepends one)")
     if not isinstance(getattr(visual, "ln_pre", None), nn.LayerNorm):

@@ -5,23 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu", "pixel_shuffle")
+
 
 class Projector(nn.Module):
     """linear | mlp2x_gelu | pixel_shuffle (2×2 patches merged, then a 2-layer GELU MLP)."""
 
-    def __init__(self, kind: str, vision_dim: int, lm_dim: int, grid: tuple[int, int]):
+    def __init__(self, kind: str, vision_dim: int, lm_dim: int, grid: tuple[int, int], hidden_size: int | None = None):
         super().__init__()
         self.kind, self.grid = kind, grid
+        hidden = hidden_size or lm_dim  # LLaVA's mlp2x_gelu: as wide as the LM
         if kind == "linear":
             self.net = nn.Linear(vision_dim, lm_dim)
         elif kind == "mlp2x_gelu":
-            self.net = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+            self.net = nn.Sequential(nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, lm_dim))
         elif kind == "pixel_shuffle":
             if grid[0] % 2 or grid[1] % 2:
                 raise ValueError(f"pixel_shuffle needs an even patch grid, got {grid}")
-            self.net = nn.Sequential(nn.Linear(4 * vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+            self.net = nn.Sequential(nn.Linear(4 * vision_dim, hidden), nn.GELU(), nn.Linear(hidden, lm_dim))
         else:
-            raise ValueError(f"unknown projector type {kind!r}; expected linear | mlp2x_gelu | pixel_shuffle")
+            raise ValueError(f"unknown projector type {kind!r}; expected one of {PROJECTOR_TYPES}")
 
     @property
     def tokens_per_image(self) -> int:

@@ -54,8 +54,8 @@ class VisionLanguageModel(nn.Module):
         vision = VisionTower(cfg.vision)
         lm, tokenizer, image_token_id = load_lm(cfg.lm)
         projector = Projector(cfg.projector.type, vision.hidden_size, lm.get_input_embeddings().embedding_dim,
-                              vision.grid)
-        spec = {"vision": asdict(cfg.vision), "projector": {"type": cfg.projector.type}, "lm": asdict(cfg.lm)}
+                              vision.grid, hidden_size=cfg.projector.hidden_size)
+        spec = {"vision": asdict(cfg.vision), "projector": asdict(cfg.projector), "lm": asdict(cfg.lm)}
         return cls(vision, projector, lm, tokenizer, image_token_id, spec)
 
     @classmethod
