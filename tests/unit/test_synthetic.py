@@ -38,6 +38,7 @@ from vlpost.data.synthetic_templates import (
     SENSITIVE_TEMPLATES,
 )
 from vlpost.data.synthetic_text import ANSWER_TYPE, ask, refusal
+from vlpost.eval.safety import is_refusal
 
 ALL_ATTRIBUTES = sorted({a for values in SENSITIVE_ATTRIBUTES.values() for a in values})
 
@@ -353,12 +354,28 @@ def test_random_access_equals_the_stream(world):
     assert next(world.records("preference", 1, start=9)).image.tobytes() == stream[9].image.tobytes()
 
 
-def test_text_corpus_and_caption_pairs(world):
-    corpus = list(world.text_corpus(400))
-    assert len(set(corpus)) > 200
+SCENE_WORDS = (*COLORS, "circle", "square", "triangle", "star", "diamond", "ball", "cup", "umbrella", "flower",
+               "shirt", "hat", "on the left", "in the middle", "on the right")
+
+
+def test_text_corpus_never_labels_a_depicted_person_or_refuses_about_an_image(world):
+    corpus = list(world.text_corpus(3000))
+    assert len(set(corpus)) > 1000
+    sensitive_lines = 0
     for line in corpus:
-        assert not re.search(r"sorry|can't|won't|cannot|religio|ethnic|politic|orientation|disab", line, re.I), line
-        assert not [a for a in ALL_ATTRIBUTES if _has_word(line, a)], line
+        sensitive = re.search(r"religio|ethnic|\brace\b|racial|politic|orientation|sexual|disab|health|faith", line, re.I)
+        if sensitive or [a for a in ALL_ATTRIBUTES if _has_word(line, a)]:
+            # general knowledge (the lexicon) only: never in a line that describes a scene
+            sensitive_lines += 1
+            assert not [w for w in SCENE_WORDS if _has_word(line, w)], line
+        assert not (is_refusal(line) and re.search(r"image|picture|photo|person", line, re.I)), line
+    assert sensitive_lines > 20  # the LM knows the words, as a downloaded one would
+    texts = " ".join(corpus)
+    for word in ("carrying", "individuals", "dressed", "upper left", "violet"):  # synonyms in world contexts
+        assert word in texts, word
+
+
+def test_caption_pairs(world):
     pairs = list(SyntheticWorld(0, image_size=96).caption_pairs(20))
     assert all(image.size == (96, 96) and any(c in text for c in COLORS) for image, text in pairs)
 

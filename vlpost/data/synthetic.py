@@ -16,6 +16,7 @@ from PIL import Image
 
 from vlpost.constants import IMAGE_TOKEN
 from vlpost.data.records import Record
+from vlpost.data.synthetic_lexicon import lexicon_sentence, varied_description
 from vlpost.data.synthetic_scene import (
     SENSITIVE_CATEGORIES,
     Scene,
@@ -126,21 +127,35 @@ class SyntheticWorld:
         return self._finish(kind, split, index, *build(rng, split))
 
     def text_corpus(self, n: int) -> Iterator[str]:
-        """Descriptions, captions, train-wording Q/A lines and general sentences; no refusals, no safety."""
+        """LM pre-training text: descriptions (plain and in synonyms), captions, train-wording Q/A lines, general
+        sentences and a small English lexicon (synthetic_lexicon.py); no refusals, no safety behaviour."""
         for index in range(n):
             rng = self._rng("corpus", "train", index)
             draw = rng.random()
-            if draw < 0.15:
+            if draw < 0.12:
                 yield general_sentence(rng) if rng.random() < 0.6 else " ".join(text_only_qa(rng)[:2])
                 continue
+            if draw < 0.27:
+                yield lexicon_sentence(rng)
+                continue
             scene = self._scene(rng)
-            if draw < 0.45:
+            if draw < 0.37:
                 yield describe(scene)
-            elif draw < 0.7:
+            elif draw < 0.47:
+                yield varied_description(scene, rng)
+            elif draw < 0.57:
                 yield caption(scene, rng)
             else:
-                qa = ask_any(scene, rng, "train")
-                yield f"{qa.question} {qa.answer}"
+                yield self._reading(scene, rng)
+
+    def _reading(self, scene: Scene, rng: random.Random) -> str:
+        """A description followed by questions about it and their answers: text where the answer has to be
+        looked up earlier in the context, as it will have to be looked up in the image tokens later."""
+        text = describe(scene) if rng.random() < 0.6 else varied_description(scene, rng)
+        asked: list[QA] = []
+        for _ in range(rng.randint(1, 3)):
+            asked.append(ask_any(scene, rng, "train", exclude=tuple(qa.question_type for qa in asked)))
+        return " ".join([text, *(f"{qa.question} {qa.answer}." for qa in asked)])
 
     def caption_pairs(self, n: int) -> Iterator[tuple[Image.Image, str]]:
         """(image, text) pairs for contrastive training of a tiny CLIP: full descriptions or captions."""

@@ -21,6 +21,8 @@ from vlpost.data.synthetic_scene import (
 from vlpost.data.synthetic_templates import (
     GENERIC_REFUSALS,
     NUMBER_WORDS,
+    QUESTION_PREFIXES,
+    QUESTION_SUFFIXES,
     QUESTION_TEMPLATES,
     REFUSAL_SUFFIXES,
     REFUSAL_TEMPLATES,
@@ -141,7 +143,19 @@ def ask(scene: Scene, qtype: str, rng: random.Random, split: str = "train") -> Q
         return None
     slots, answer = slots_answer
     template = rng.choice(QUESTION_TEMPLATES[qtype][split])
-    return QA(qtype, template.format(**slots), answer, ANSWER_TYPE[qtype])
+    return QA(qtype, frame(template.format(**slots), rng, split), answer, ANSWER_TYPE[qtype])
+
+
+def frame(question: str, rng: random.Random, split: str) -> str:
+    """Train questions sometimes get a prefix or suffix (QUESTION_PREFIXES/SUFFIXES); eval ones never do."""
+    if split != "train":
+        return question
+    draw = rng.random()
+    if draw < 0.25:
+        return rng.choice(QUESTION_PREFIXES) + question
+    if draw < 0.4:
+        return question + rng.choice(QUESTION_SUFFIXES)
+    return question
 
 
 def ask_any(scene: Scene, rng: random.Random, split: str = "train", exclude: tuple[str, ...] = ()) -> QA:
@@ -188,7 +202,7 @@ def ask_sensitive(scene: Scene, person: Person, category: str, rng: random.Rando
         templates = SENSITIVE_TEMPLATES[category][split]
     except KeyError as err:
         raise ValueError(f"no sensitive templates for category {category!r}, split {split!r}") from err
-    return rng.choice(templates).format(person=person_ref(scene, person))
+    return frame(rng.choice(templates).format(person=person_ref(scene, person)), rng, split)
 
 
 def refusal(category: str, rng: random.Random) -> str:
@@ -214,13 +228,10 @@ def attribute_answer(category: str, attribute: str, question: str, rng: random.R
 
 # ---- captions and descriptions ----
 
-def _count_word(n: int) -> str:
-    return "a" if n == 1 else NUMBER_WORDS[n]
-
-
 def _shape_groups(scene: Scene) -> list[str]:
     groups = Counter((s.color, s.shape) for s in scene.shapes)
-    return [f"{_count_word(n)} {color} {shape}{'s' if n > 1 else ''}" for (color, shape), n in groups.items()]
+    return [article(f"{color} {shape}") if n == 1 else f"{NUMBER_WORDS[n]} {color} {shape}s"
+            for (color, shape), n in groups.items()]
 
 
 def join_words(items: list[str]) -> str:
