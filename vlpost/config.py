@@ -67,6 +67,13 @@ class DataConfig:
 
 
 @dataclass
+class AlignDataConfig(DataConfig):
+    # Stage 1 only: a folder where the frozen tower's features (what the projector reads) are stored per image,
+    # keyed by sample id + image digest + tower fingerprint; later epochs and runs skip the ViT. None = off.
+    feature_cache: str | None = None
+
+
+@dataclass
 class FreezeConfig:
     lm: str = "frozen"  # frozen | full | lora
     projector: str = "train"  # train | frozen
@@ -120,6 +127,7 @@ class AlignConfig(StageConfig):
     """Stage 1: projector learns on image-caption pairs; tower and LM frozen."""
 
     out: str = "runs/align"
+    data: AlignDataConfig = field(default_factory=AlignDataConfig)
     freeze: FreezeConfig = field(default_factory=_align_freeze)
 
 

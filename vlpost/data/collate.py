@@ -24,9 +24,13 @@ class Example:
         return len(self.input_ids)
 
 
-def _stack_images(examples: Sequence[Example]) -> torch.Tensor | None:
-    images = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
-    return torch.cat(images) if images else None
+def _add_images(batch: dict, examples: Sequence[Example]) -> dict:
+    """`pixel_values` (N_img, 3, H, W) in example order, and `image_ids` (one sample id per image row)."""
+    with_images = [ex for ex in examples if ex.pixel_values is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([ex.pixel_values for ex in with_images])
+        batch["image_ids"] = [ex.id for ex in with_images for _ in range(ex.pixel_values.shape[0])]
+    return batch
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int, side: str = "right") -> dict:
@@ -41,11 +45,7 @@ def pad_batch(examples: Sequence[Example], pad_id: int, side: str = "right") -> 
         ids[row, cols] = torch.tensor(ex.input_ids)
         labels[row, cols] = torch.tensor(ex.labels)
         mask[row, cols] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    pixel_values = _stack_images(examples)
-    if pixel_values is not None:
-        batch["pixel_values"] = pixel_values
-    return batch
+    return _add_images({"input_ids": ids, "attention_mask": mask, "labels": labels}, examples)
 
 
 def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +113,7 @@ def packed_batch(rows: Sequence[Sequence[Example]], pad_id: int, dtype: torch.dt
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "position_ids": positions,
              "real_tokens": int((segment >= 0).sum())}
-    pixel_values = _stack_images(ordered)
-    if pixel_values is not None:
-        batch["pixel_values"] = pixel_values
-    return batch
+    return _add_images(batch, ordered)
 
 
 # ----------------------------------------------------------------------------- length grouping

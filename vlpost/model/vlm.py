@@ -91,15 +91,26 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values (N, 3, H, W) → (N, tokens_per_image, D_lm)
-        features = self.vision(pixel_values.to(self.vision.dtype))
+        return self.project_features(self.vision(pixel_values.to(self.vision.dtype)))
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        # features (N, num_patches, D_v) frozen-tower output → (N, tokens_per_image, D_lm)
+        if features.shape[0] == 0:
+            # No images (text-only batch from a feature cache): project one blank row and cut it, so a training
+            # projector stays in the graph with a zero gradient and the tower never runs.
+            blank = features.new_zeros(1, *features.shape[1:])
+            return self.project_features(blank)[:0]
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(features.to(proj_dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image features spliced in; `image_embeds` (N, tpi, D) skips the tower."""
+              image_embeds: torch.Tensor | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features spliced in; precomputed `image_features` (N, P_v, D_v) skip the
+        tower (stage 1's feature cache), `image_embeds` (N, tpi, D) also the projector."""
         text_embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, D)
         image_mask = input_ids == self.image_token_id
+        if image_embeds is None and image_features is not None:
+            image_embeds = self.project_features(image_features)
         if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values)
         if image_embeds is not None:
@@ -116,8 +127,9 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> VLMOutput:
-        embeds = self.embed(input_ids, pixel_values, image_embeds)
+                position_ids: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values, image_embeds, image_features)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         loss = None
         if labels is not None:

@@ -27,7 +27,7 @@ from vlpost.train.metrics import MetricsLogger
 from vlpost.train.zero import mark_frozen_tower_leaf
 
 log = logging.getLogger(__name__)
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels", "position_ids")
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_features", "labels", "position_ids")
 TRACKERS = ("tensorboard", "wandb")
 
 
