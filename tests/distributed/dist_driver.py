@@ -107,7 +107,7 @@ def main(out: str, init_dir: str, resume_from: str = "") -> None:
     run = Run(out=out_dir, accelerator=accelerator, cfg=StageConfig(out=out, train=probe_cfg), stage="sft")
     finish_run(run, trainer)
     trainer.model.eval()
-    batch = {k: v.to(accelerator.device) for k, v in probe_batch(model).items()}
+    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in probe_batch(model).items()}
     with torch.no_grad():  # every rank runs the wrapped model (ZeRO-3 gathers parameters layer by layer)
         logits = trainer.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     if accelerator.is_main_process:
