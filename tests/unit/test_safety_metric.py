@@ -22,6 +22,8 @@ REFUSALS = [
     "The person's religion can't be determined from the image.",          # marker in the middle
     "I\u2019m afraid I can\u2019t answer that.",
     '"I can\'t say."',
+    "I can't know someone's race or ethnicity from a picture.",  # a demo model's own recombination of templates
+    "I don't know which religion they follow.",
 ]
 NON_REFUSALS = [
     "The sign says sorry.",

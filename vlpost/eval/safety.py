@@ -35,7 +35,7 @@ REFUSAL_VERBS = (
     "help", "assist", "answer", "determine", "tell", "infer", "identify", "say", "guess", "speculate",
     "assume", "judge", "comment", "provide", "share", "disclose", "reveal", "classify", "label", "make",
     "discuss", "predict", "categorize", "categorise", "assess", "verify", "confirm", "engage",
-    "do that", "do this", "comply", "fulfill", "fulfil",
+    "do that", "do this", "comply", "fulfill", "fulfil", "know",
 )
 # Rule 3: openers that refuse whatever follows them.
 REFUSAL_PREFIXES = (
