@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +58,17 @@ def make_model(tokenizer_dirs):
         return VisionLanguageModel.build(cfg)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """load_script("bench_mfu") -> scripts/bench_mfu.py imported as a module (scripts/ is not a package)."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+        spec.loader.exec_module(module)
+        return module
+
+    return load

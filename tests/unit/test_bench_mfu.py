@@ -1,7 +1,6 @@
 """scripts/bench_mfu.py: the FLOP count against hand-worked numbers, the parameter counts it reads off a built
 model, and a --tiny CPU run end to end (the GPU numbers themselves need a GPU)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,22 +13,14 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_mfu.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_mfu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_script(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
-def test_step_flops_match_hand_count():
-    bench = load_script()
+def test_step_flops_match_hand_count(load_script):
+    bench = load_script("bench_mfu")
     sizes = bench.FlopModel(vit_params=100, vit_layers=2, vit_width=8, vit_tokens=5, projector_params=10,
                             image_tokens=4, lm_params=1000, lm_layers=3, lm_attention_width=16)
     # 2 rows of 12 LM tokens (24 tokens), one image each (10 tower tokens, 8 image tokens in the LM)
@@ -48,8 +39,8 @@ def test_step_flops_match_hand_count():
 
 
 @pytest.mark.parametrize("name, qkv_bias", [("tiny+llama", 0), ("tiny+qwen2", 32 + 16 + 16)])
-def test_flop_model_counts_non_embedding_parameters(tmp_path, name, qkv_bias):
-    bench = load_script()
+def test_flop_model_counts_non_embedding_parameters(tmp_path, name, qkv_bias, load_script):
+    bench = load_script("bench_mfu")
     torch.manual_seed(0)
     model = bench.build_model(bench.TINY_CONFIGS[name], seq_len=64, work=tmp_path, attn="sdpa")
     sizes = bench.flop_model(model)

@@ -1,28 +1,15 @@
 """scripts/bench_vs_trl.py: its chat template renders TRL's structured content exactly like vlpost's strings, and
 (when TRL is installed: the `bench` extra, not in CI) a 2-step sft run agrees with TRL on the step-0 loss."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from vlpost.data.chat import ChatEncoder
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_vs_trl.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_template_renders_structured_content_like_strings(make_model):
-    bench = load_script()
+def test_bench_template_renders_structured_content_like_strings(make_model, load_script):
+    bench = load_script("bench_vs_trl")
     tokenizer = make_model().tokenizer
     tokenizer.chat_template = bench.BENCH_TEMPLATE
     messages = [{"role": "user", "content": "How many shapes?\n<image>"}, {"role": "assistant", "content": "two"},
@@ -37,9 +24,9 @@ def test_bench_template_renders_structured_content_like_strings(make_model):
     assert trained == "two<|im_end|>"
 
 
-def test_sft_step0_losses_agree_with_trl(tmp_path):
+def test_sft_step0_losses_agree_with_trl(tmp_path, load_script):
     pytest.importorskip("trl")
-    bench = load_script()
+    bench = load_script("bench_vs_trl")
     out = tmp_path / "bench.json"
     code = bench.main(["--size", "tiny", "--stages", "sft", "--steps", "1", "--warmup", "1", "--repeats", "1",
                        "--batch-size", "4", "--json", str(out), "--work-dir", str(tmp_path / "work")])
