@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = train_bpe_tokenizer(texts[: cfg.tokenizer.texts], vocab_size=cfg.tokenizer.vocab_size)
     tokenizer.save_pretrained(out / "tokenizer")
     summary = {"stage": "bootstrap", "tokenizer_vocab": len(tokenizer)}
-    summary |= train_tiny_clip(cfg.clip, list(world.caption_pairs(cfg.clip.pairs)), out / "clip", cfg.image_size)
-    summary |= pretrain_tiny_lm(cfg.lm, tokenizer, texts[: cfg.lm.texts], out / "lm")
+    summary |= train_tiny_clip(cfg.clip, list(world.caption_pairs(cfg.clip.pairs)), out / "clip", cfg.image_size,
+                               seed=cfg.seed)
+    summary |= pretrain_tiny_lm(cfg.lm, tokenizer, texts[: cfg.lm.texts], out / "lm", seed=cfg.seed)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["final_loss"] = summary["lm_loss"]
     summary["steps"] = cfg.lm.steps

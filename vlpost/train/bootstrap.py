@@ -64,8 +64,12 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_tiny_clip(spec: ClipSpec, pairs, out_dir: Path, image_size: int) -> dict:
-    """Contrastive training of a tiny open_clip model; returns the final loss and the zero-shot accuracy on the data."""
+def train_tiny_clip(spec: ClipSpec, pairs, out_dir: Path, image_size: int, seed: int = 0) -> dict:
+    """Contrastive training of a tiny open_clip model; returns the final loss and the zero-shot accuracy on the data.
+
+    `seed` fixes the weight init (open_clip draws it from torch's global generator) and the batch order, so the same
+    config gives the same checkpoint bit for bit.
+    """
     import open_clip
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
     from open_clip.loss import ClipLoss
@@ -75,6 +79,7 @@ def train_tiny_clip(spec: ClipSpec, pairs, out_dir: Path, image_size: int) -> di
     from vlpost.model.vision import register_tiny_configs
 
     register_tiny_configs()
+    torch.manual_seed(seed)
     model, _, transform = open_clip.create_model_and_transforms(spec.model, pretrained=None,
                                                                 force_image_size=image_size)
     tokenizer = open_clip.get_tokenizer(spec.model)
@@ -84,7 +89,7 @@ def train_tiny_clip(spec: ClipSpec, pairs, out_dir: Path, image_size: int) -> di
     loss_fn = ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1)
     model.train()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     loss = torch.tensor(0.0)
     for step in (bar := tqdm(range(spec.steps), desc="bootstrap clip")):
         for group in optimizer.param_groups:
@@ -116,13 +121,17 @@ def clip_retrieval_accuracy(model, pixels: torch.Tensor, tokens: torch.Tensor) -
     return float(same.float().mean())
 
 
-def pretrain_tiny_lm(spec: LMSpec, tokenizer, texts: list[str], out_dir: Path) -> dict:
-    """Causal-LM pre-training of a small Llama/Qwen2 on synthetic sentences, saved with save_pretrained."""
+def pretrain_tiny_lm(spec: LMSpec, tokenizer, texts: list[str], out_dir: Path, seed: int = 0) -> dict:
+    """Causal-LM pre-training of a small Llama/Qwen2 on synthetic sentences, saved with save_pretrained.
+
+    `seed` fixes the weight init and the batch order (same config, same weights).
+    """
     from transformers import AutoModelForCausalLM
 
     from vlpost.model.lm import add_special_tokens, random_lm_config
 
     config = random_lm_config(spec.model, tokenizer)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     add_special_tokens(model, tokenizer)
     eos = tokenizer.eos_token_id
@@ -130,7 +139,7 @@ def pretrain_tiny_lm(spec: LMSpec, tokenizer, texts: list[str], out_dir: Path) -
                                                 for t in texts))
     rows = torch.tensor(stream[: len(stream) // spec.seq_len * spec.seq_len]).view(-1, spec.seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     model.train()
     loss = torch.tensor(0.0)
     for step in (bar := tqdm(range(spec.steps), desc="bootstrap lm")):

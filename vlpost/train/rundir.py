@@ -10,6 +10,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 from vlpost.config import dump_config
 from vlpost.constants import CONFIG_FILE, METRICS_FILE, RUN_META_FILE
 
@@ -45,6 +47,8 @@ def git_commit() -> str | None:
 
 
 def environment() -> dict:
+    """Versions, commit, command line and the CPU thread count: on CPU, runs of one config are bit-identical only
+    at the same `torch_threads` (another count changes the order of float sums)."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -52,7 +56,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "git_commit": git_commit(), "argv": sys.argv}
+            "git_commit": git_commit(), "argv": sys.argv, "torch_threads": torch.get_num_threads()}
 
 
 def record_run(out: Path, cfg: object) -> None:
