@@ -31,6 +31,7 @@ from vlpost.data.synthetic_templates import (
     CAPTION_INSTRUCTIONS,
     DESCRIBE_INSTRUCTIONS,
     GENERIC_REFUSALS,
+    LOOKALIKE_SHARE,
     QUESTION_TEMPLATES,
     REFUSAL_SUFFIXES,
     REFUSAL_TEMPLATES,
@@ -216,7 +217,8 @@ def test_eval_wordings_never_appear_in_training_records(world, samples):
 
 def test_eval_records_use_only_eval_wordings(samples):
     eval_patterns = _patterns(QUESTION_TEMPLATES, "eval") + _patterns(SENSITIVE_TEMPLATES, "eval")
-    train_patterns = _patterns(QUESTION_TEMPLATES, "train") + _patterns(SENSITIVE_TEMPLATES, "train")
+    train_patterns = (_patterns(QUESTION_TEMPLATES, "train") + _patterns(SENSITIVE_TEMPLATES, "train")
+                      + _patterns(SENSITIVE_TEMPLATES, "lookalike"))
     for kind in ("vqa", "safety"):
         for record in samples[(kind, "eval")]:
             (question,) = _questions(record.sample)
@@ -226,7 +228,7 @@ def test_eval_records_use_only_eval_wordings(samples):
 
 
 def test_sft_never_asks_sensitive_questions(samples):
-    sensitive = _patterns(SENSITIVE_TEMPLATES, "train") + _patterns(SENSITIVE_TEMPLATES, "eval")
+    sensitive = [p for split in ("train", "lookalike", "eval") for p in _patterns(SENSITIVE_TEMPLATES, split)]
     about_people = 0
     for split in ("train", "eval"):
         for record in samples[("sft", split)]:
@@ -257,6 +259,7 @@ def test_refusals_are_varied_per_category():
 def test_preference_pairs_refuse_sensitive_and_answer_benign(world):
     records = list(world.records("preference", 600))
     kinds = Counter(r.sample["meta"]["pair_type"] for r in records)
+    rejected_kinds = Counter()  # a benign pair's rejected answer: generic refusal (True) or a sensitive one (False)
     assert abs(kinds["sensitive"] / 600 - 0.4) < 0.06 and abs(kinds["benign"] / 600 - 0.3) < 0.06, kinds
     for record in records:
         sample, meta = record.sample, record.sample["meta"]
@@ -266,9 +269,32 @@ def test_preference_pairs_refuse_sensitive_and_answer_benign(world):
             assert not _has_word(chosen, meta["attribute"]) and _has_word(rejected, meta["attribute"]), record.key
         elif meta["pair_type"] == "benign":
             assert meta["category"] == f"benign_{meta['question_type']}"
-            assert rejected in GENERIC_REFUSALS and len(chosen.split()) <= 2
+            assert is_refusal(rejected) and len(chosen.split()) <= 2, record.key
+            rejected_kinds[rejected in GENERIC_REFUSALS] += 1
         else:
             assert chosen != rejected and len(chosen.split()) <= 2
+    # half of the over-refusals are the sensitive refusals themselves, so "which refusal" cannot decide a pair
+    assert abs(rejected_kinds[False] / kinds["benign"] - 0.5) < 0.15, rejected_kinds
+
+
+def test_train_sensitive_questions_share_benign_frames(samples):
+    """LOOKALIKE_SHARE of train sensitive questions are worded in a benign question's frame; eval never is."""
+    lookalike, plain = _patterns(SENSITIVE_TEMPLATES, "lookalike"), _patterns(SENSITIVE_TEMPLATES, "train")
+    counts = Counter()
+    for record in samples[("preference", "train")] + samples[("prompt", "train")]:
+        if record.sample["meta"]["question_type"] != "sensitive":
+            continue
+        (question,) = _questions(record.sample)
+        counts["lookalike" if any(p.search(question) for p in lookalike) else  # search: framing around it
+               "train" if any(p.search(question) for p in plain) else "other"] += 1
+    assert counts["other"] == 0 and counts["lookalike"] + counts["train"] > 100, counts
+    assert abs(counts["lookalike"] / (counts["lookalike"] + counts["train"]) - LOOKALIKE_SHARE) < 0.1, counts
+    for record in samples[("safety", "eval")]:
+        (question,) = _questions(record.sample)
+        assert not any(p.search(question) for p in lookalike), question
+    benign_frames = {"have", "hold"}
+    for by_split in SENSITIVE_TEMPLATES.values():
+        assert any(benign_frames & set(t.rstrip("?").split()) for t in by_split["lookalike"])
 
 
 def test_sensitive_prompts_ask_about_a_visible_marker(samples):

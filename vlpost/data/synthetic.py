@@ -35,8 +35,8 @@ from vlpost.data.synthetic_text import (
     caption,
     describe,
     general_sentence,
-    generic_refusal,
     human_answers,
+    over_refusal,
     refusal,
     text_only_qa,
     wrong_answer,
@@ -250,7 +250,7 @@ class SyntheticWorld:
                     "attribute": attribute}
         elif draw < mix[0] + mix[1]:
             scene, qa = self._benign_case(rng, split)
-            question, chosen, rejected = qa.question, qa.answer, generic_refusal(rng)
+            question, chosen, rejected = qa.question, qa.answer, over_refusal(rng)
             meta = {**_qa_meta(qa), "category": f"benign_{qa.question_type}", "pair_type": "benign"}
         else:
             scene = self._scene(rng)

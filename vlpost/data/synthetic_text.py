@@ -20,6 +20,7 @@ from vlpost.data.synthetic_scene import (
 )
 from vlpost.data.synthetic_templates import (
     GENERIC_REFUSALS,
+    LOOKALIKE_SHARE,
     NUMBER_WORDS,
     QUESTION_PREFIXES,
     QUESTION_SUFFIXES,
@@ -198,6 +199,8 @@ def human_answers(qa: QA, rng: random.Random, count: int = 10) -> list[str]:
 
 def ask_sensitive(scene: Scene, person: Person, category: str, rng: random.Random, split: str = "train") -> str:
     """A question asking for `person`'s attribute in sensitive `category`."""
+    if split == "train" and rng.random() < LOOKALIKE_SHARE:
+        split = "lookalike"
     try:
         templates = SENSITIVE_TEMPLATES[category][split]
     except KeyError as err:
@@ -211,7 +214,13 @@ def refusal(category: str, rng: random.Random) -> str:
     return text + rng.choice(REFUSAL_SUFFIXES)
 
 
-def generic_refusal(rng: random.Random) -> str:
+def over_refusal(rng: random.Random) -> str:
+    """The rejected answer to a benign look-alike: half the time one of the very refusals a sensitive question's
+    chosen answer uses (a random topic), else a generic one. Without the former, DPO can prefer "the sensitive-refusal
+    sentence" over "a generic refusal" without reading the question (a shortcut the demo model took: benign
+    position questions got "I'm unable to judge this person's race")."""
+    if rng.random() < 0.5:
+        return refusal(rng.choice(sorted(REFUSAL_TOPICS)), rng)
     return rng.choice(GENERIC_REFUSALS)
 
 
