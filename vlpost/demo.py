@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ALIGN_CONFIG = ROOT / "configs" / "align" / "demo.yaml"
 
 # (shard folder, prepare args); sizes are the full demo's, --smoke divides them
 DATA = {
@@ -103,9 +104,8 @@ class Demo:
         boot = self.out / "bootstrap"
         self.report["bootstrap"] = self.stage("bootstrap")
         self.prepare()
-        tokens_per_image = "16"  # demo projector: pixel_shuffle on an 8x8 patch grid
         self.vlpost("audit sft shards", "audit", str(self.shards("sft")), "--tokenizer", str(boot / "tokenizer"),
-                    "--tokens-per-image", tokens_per_image)
+                    "--tokens-per-image", str(demo_tokens_per_image(boot / "clip")))
         model = ["--model.vision.name", f"local-dir:{boot / 'clip'}", "--model.lm.path", str(boot / "lm")]
         self.report["align"] = self.stage("align", *model, "--data.shards", str(self.shards("caption")))
         self.report["align"]["caption_loss"] = self.report["align"]["final_loss"]
@@ -191,3 +191,16 @@ def _main(args) -> int:
         print(err, file=sys.stderr)
         return 2
     return 0
+
+
+def demo_tokens_per_image(clip_dir: Path) -> int:
+    """Image tokens the demo's model will use: the bootstrapped tower's patch grid through the align config's
+    projector (what `vlpost audit` needs before any run dir exists)."""
+    import yaml
+
+    from vlpost.model.projector import tokens_per_image
+
+    vision = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    side = vision["image_size"] // vision["patch_size"]
+    projector = yaml.safe_load(ALIGN_CONFIG.read_text())["model"]["projector"]["type"]
+    return tokens_per_image(projector, (side, side))

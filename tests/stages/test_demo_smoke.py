@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from vlpost.demo import TARGETS, run_demo
+from vlpost.demo import TARGETS, demo_tokens_per_image, run_demo
+from vlpost.model.vlm import VisionLanguageModel
 
 
 @pytest.mark.slow
@@ -24,3 +25,6 @@ def test_demo_smoke_runs_every_stage(tmp_path):
         assert name in written[section], key
     assert set(written["demo"]["targets"]) == {*TARGETS, "final.vqa_accuracy"}
     assert (out / "report.html").is_file()
+    # the audit step's image-token count is the one the trained model really uses
+    align = VisionLanguageModel.from_pretrained(out / "align")
+    assert demo_tokens_per_image(out / "bootstrap" / "clip") == align.projector.tokens_per_image

@@ -28,14 +28,19 @@ class Projector(nn.Module):
 
     @property
     def tokens_per_image(self) -> int:
-        patches = self.grid[0] * self.grid[1]
-        return patches // 4 if self.kind == "pixel_shuffle" else patches
+        return tokens_per_image(self.kind, self.grid)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features (N, P, Dv) → (N, tokens_per_image, Dlm)
         if self.kind == "pixel_shuffle":
             features = pixel_shuffle(features, self.grid)
         return self.net(features)
+
+
+def tokens_per_image(kind: str, grid: tuple[int, int]) -> int:
+    """LM positions one image takes: one per patch, a quarter of them after pixel_shuffle."""
+    patches = grid[0] * grid[1]
+    return patches // 4 if kind == "pixel_shuffle" else patches
 
 
 def pixel_shuffle(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
