@@ -355,7 +355,8 @@ def vlpost_grpo(setup: Setup, items: list, budget: Budget, check: list, tag: str
     from vlpost.data.pipeline import ListSource
     from vlpost.model.vlm import VisionLanguageModel
     from vlpost.train.freeze import apply_freeze
-    from vlpost.train.grpo import GRPOBatches, GRPOObjective, Row, collate_rows, completion_logprobs
+    from vlpost.train.grpo import GRPOObjective, Row, collate_rows, completion_logprobs
+    from vlpost.train.grpo_batches import GRPOBatches
     from vlpost.train.rollout import build_engine
 
     torch.manual_seed(budget.seed)

@@ -13,7 +13,8 @@ import sys
 from vlpost.config import parse_stage_args
 from vlpost.model.vlm import VisionLanguageModel
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.grpo import GRPOBatches, GRPOObjective, build_reference, loss_settings
+from vlpost.train.grpo import GRPOObjective, build_reference, loss_settings
+from vlpost.train.grpo_batches import GRPOBatches
 from vlpost.train.grpo_config import GRPOConfig, check_grpo_config
 from vlpost.train.metrics import plot_metrics
 from vlpost.train.rollout import build_engine, eval_items, evaluate_prompts

@@ -194,13 +194,12 @@ def _main(args) -> int:
 
 
 def demo_tokens_per_image(clip_dir: Path) -> int:
-    """Image tokens the demo's model will use: the bootstrapped tower's patch grid through the align config's
-    projector (what `vlpost audit` needs before any run dir exists)."""
-    import yaml
-
+    """Image tokens the demo's model will use (what `vlpost audit` needs before any run dir exists): the
+    bootstrapped tower, loaded as align loads it, through the projector that the align config names."""
+    from vlpost.config import AlignConfig, VisionConfig, load_config
     from vlpost.model.projector import tokens_per_image
+    from vlpost.model.vision import VisionTower
 
-    vision = json.loads((clip_dir / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
-    side = vision["image_size"] // vision["patch_size"]
-    projector = yaml.safe_load(ALIGN_CONFIG.read_text())["model"]["projector"]["type"]
-    return tokens_per_image(projector, (side, side))
+    cfg = load_config(AlignConfig, ALIGN_CONFIG)
+    tower = VisionTower(VisionConfig(name=f"local-dir:{clip_dir}", feature_layer=cfg.model.vision.feature_layer))
+    return tokens_per_image(cfg.model.projector.type, tower.grid)

@@ -86,7 +86,8 @@ def _dpo_trainer(model, world, cfg, out, accelerator, rank, world_size, kind, fr
 
 
 def _grpo_trainer(model, world, cfg, out, accelerator, rank, world_size):
-    from vlpost.train.grpo import GRPOBatches, GRPOObjective, build_reference, loss_settings
+    from vlpost.train.grpo import GRPOObjective, build_reference, loss_settings
+    from vlpost.train.grpo_batches import GRPOBatches
     from vlpost.train.grpo_config import GRPOLossConfig, RolloutConfig
     from vlpost.train.rollout import build_engine
     from vlpost.train.zero import whole_model

@@ -15,7 +15,6 @@ from vlpost.config import FreezeConfig, TrainConfig
 from vlpost.data.pipeline import ListSource
 from vlpost.train.freeze import apply_freeze
 from vlpost.train.grpo import (
-    GRPOBatches,
     GRPOObjective,
     Row,
     build_reference,
@@ -23,6 +22,7 @@ from vlpost.train.grpo import (
     completion_logprobs,
     loss_settings,
 )
+from vlpost.train.grpo_batches import GRPOBatches
 from vlpost.train.grpo_config import GRPOLossConfig, RolloutConfig
 from vlpost.train.metrics import read_metrics
 from vlpost.train.rollout import HFRolloutEngine, ScoredRound, rollout_metrics
