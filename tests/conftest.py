@@ -42,16 +42,16 @@ def tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture
 def make_model(tokenizer_dirs):
-    """Build a tiny random VLM: make_model(arch="llama", projector="mlp2x_gelu", template="chatml", seed=0)."""
+    """Build a tiny random VLM: make_model(arch="llama", projector="mlp2x_gelu", template="chatml", seed=0, merge=2)."""
     from vlpost.config import LMConfig, ModelConfig, ProjectorConfig, VisionConfig
     from vlpost.model.vlm import VisionLanguageModel
 
     def build(arch: str = "llama", projector: str = "mlp2x_gelu", template: str = "chatml", seed: int = 0,
-              attn: str = "sdpa"):
+              attn: str = "sdpa", merge: int = 2):
         torch.manual_seed(seed)
         cfg = ModelConfig(
             vision=VisionConfig(name="vlpost-tiny-vit"),
-            projector=ProjectorConfig(type=projector),
+            projector=ProjectorConfig(type=projector, merge=merge),
             lm=LMConfig(arch=arch, tokenizer=tokenizer_dirs[template], hidden_size=32, num_layers=2, num_heads=4,
                         num_kv_heads=2, intermediate_size=64, attn_implementation=attn),
         )

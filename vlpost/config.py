@@ -24,6 +24,7 @@ class VisionConfig:
 class ProjectorConfig:
     type: str = "mlp2x_gelu"  # linear | mlp2x_gelu | pixel_shuffle
     hidden_size: int | None = None  # width of the MLP's hidden layer; None = the LM's hidden size (LLaVA)
+    merge: int = 2  # pixel_shuffle only: merge×merge neighbouring patches become one token (tokens = patches / merge²)
 
 
 @dataclass

@@ -202,4 +202,4 @@ def demo_tokens_per_image(clip_dir: Path) -> int:
 
     cfg = load_config(AlignConfig, ALIGN_CONFIG)
     tower = VisionTower(VisionConfig(name=f"local-dir:{clip_dir}", feature_layer=cfg.model.vision.feature_layer))
-    return tokens_per_image(cfg.model.projector.type, tower.grid)
+    return tokens_per_image(cfg.model.projector.type, tower.grid, cfg.model.projector.merge)

@@ -51,4 +51,6 @@ def test_batch_1_accum_8_equals_batch_8_accum_1(make_model, tmp_path):
             assert [h[key] for h in trainer.history] == pytest.approx([h[key] for h in reference.history],
                                                                        abs=1e-5, rel=0), key
         for (name, a), b in zip(ref_model.named_parameters(), model.parameters()):
-            assert torch.allclose(a, b, atol=1e-5, rtol=0), name
+            # float noise of other micro-batch shapes, amplified by Adam over 3 steps at lr 1e-2, reaches ~1.2e-5;
+            # a per-micro-batch averaging error moves parameters by ~lr
+            assert torch.allclose(a, b, atol=5e-5, rtol=0), name

@@ -130,6 +130,22 @@ def test_sft_nll_sum_accumulates_to_the_big_batch_token_mean():
     assert abs(float(per_micro_mean) - float(big)) > 1e-3  # the bias sft_nll_sum avoids
 
 
+def test_selected_nll_sum_equals_sft_nll_sum_on_the_label_positions():
+    logits, labels = random_batch(seed=5)
+    logits.requires_grad_(True)
+    mask, targets = L.label_positions(labels)
+    assert mask[:, -1].sum() == 0 and int(mask.sum()) == targets.numel() == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    full, _ = L.sft_nll_sum(logits, labels)
+    (grad_full,) = torch.autograd.grad(full, logits)
+    picked = L.selected_nll_sum(logits[mask], targets, chunk_elements=22)  # 2 rows per chunk
+    (grad_picked,) = torch.autograd.grad(picked, logits)
+    naive = -torch.log_softmax(logits[mask].double(), -1).gather(-1, targets[:, None]).sum()
+    assert picked.item() == pytest.approx(naive.item(), abs=1e-5) and picked.item() == pytest.approx(full.item(), abs=1e-5)
+    assert torch.allclose(grad_picked, grad_full, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        L.selected_nll_sum(logits[mask], targets + 100)
+
+
 def test_sft_nll_with_no_target_tokens_is_zero_not_nan():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     labels = torch.full((2, 3), IGNORE_INDEX)

@@ -29,6 +29,24 @@ def test_pixel_shuffle_groups_2x2_neighbours():
     assert out[0, 0].tolist() == [0, 1, 4, 5] and out[0, 3].tolist() == [10, 11, 14, 15]
 
 
+def test_pixel_shuffle_merge_sizes():
+    # an 8x4 grid (rows x cols) whose feature is its own index; merge 4 -> 2 tokens of 16 patches each, raster order
+    features = torch.arange(32, dtype=torch.float).reshape(1, 32, 1)
+    out = pixel_shuffle(features, (8, 4), merge=4)
+    assert out.shape == (1, 2, 16)
+    assert out[0, 0].tolist() == list(range(16)) and out[0, 1].tolist() == list(range(16, 32))
+    assert torch.equal(pixel_shuffle(features, (8, 4), merge=1), features)  # merge 1: one token per patch
+    assert torch.equal(pixel_shuffle(features, (8, 4)), pixel_shuffle(features, (8, 4), merge=2))
+
+
+def test_projector_merge_checks():
+    assert Projector("pixel_shuffle", vision_dim=8, lm_dim=12, grid=(8, 8), merge=4).tokens_per_image == 4
+    with pytest.raises(ValueError, match="merge=3 must divide the patch grid"):
+        Projector("pixel_shuffle", vision_dim=8, lm_dim=12, grid=(8, 8), merge=3)
+    with pytest.raises(ValueError, match="pixel_shuffle only"):
+        Projector("mlp2x_gelu", vision_dim=8, lm_dim=12, grid=(8, 8), merge=4)
+
+
 @pytest.mark.parametrize("kind,expected", [("linear", 16), ("mlp2x_gelu", 16), ("pixel_shuffle", 4)])
 def test_projector_tokens_per_image(kind, expected):
     projector = Projector(kind, vision_dim=8, lm_dim=12, grid=(4, 4))
@@ -70,13 +88,47 @@ def test_image_features_reach_the_lm(make_model):
     assert not torch.allclose(a[:, -1], b[:, -1])
 
 
-def test_save_load_identical_logits(make_model, tmp_path):
-    model = make_model(projector="pixel_shuffle").eval()
+@pytest.mark.parametrize("arch,lora", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_logits_mask_selects_the_same_logits_and_gradients(make_model, arch, lora):
+    from vlpost.config import FreezeConfig
+    from vlpost.train.freeze import apply_freeze
+    from vlpost.train.losses import label_positions, selected_nll_sum, sft_nll_sum
+
+    model = make_model(arch=arch, seed=1)
+    apply_freeze(model, FreezeConfig(lm="lora" if lora else "full", lora_targets=("q_proj", "v_proj")))
+    encoder = ChatEncoder(model.tokenizer, model.tokens_per_image)
+    encoded = [encoder.encode([{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": answer}],
+                              sample_id=str(i), num_images=1) for i, answer in enumerate(["red", "a small green circle"])]
+    width = max(len(e) for e in encoded)
+    ids = torch.tensor([e.input_ids + [0] * (width - len(e)) for e in encoded])
+    labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in encoded])
+    attention = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+    pixels = torch.randn(2, 3, 32, 32)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    full, _ = sft_nll_sum(model(ids, attention, pixel_values=pixels).logits, labels)
+    grads_full = torch.autograd.grad(full, trained)
+    mask, targets = label_positions(labels)
+    selected = model(ids, attention, pixel_values=pixels, logits_mask=mask).logits
+    assert selected.shape == (targets.numel(), len(model.tokenizer))
+    assert torch.allclose(selected, model(ids, attention, pixel_values=pixels).logits[mask], atol=1e-6)
+    picked = selected_nll_sum(selected, targets)
+    assert picked.item() == pytest.approx(full.item(), abs=1e-4)
+    for a, b in zip(grads_full, torch.autograd.grad(picked, trained)):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="compute the loss from them"):
+        model(ids, attention, pixel_values=pixels, labels=labels, logits_mask=mask)
+
+
+@pytest.mark.parametrize("merge", [2, 4])
+def test_save_load_identical_logits(make_model, tmp_path, merge):
+    model = make_model(projector="pixel_shuffle", merge=merge).eval()
+    assert model.tokens_per_image == 16 // merge**2
     ids = torch.tensor([[5, 6] + [model.image_token_id] * model.tokens_per_image + [7, 8]])
     pixels = torch.randn(1, 3, 32, 32)
     before = model(ids, pixel_values=pixels).logits
     model.save_pretrained(tmp_path / "run", lineage={"stage": "test"})
     loaded = type(model).from_pretrained(tmp_path / "run").eval()
+    assert loaded.projector.merge == merge
     assert torch.equal(before, loaded(ids, pixel_values=pixels).logits)
     assert loaded.spec["lineage"] == [{"stage": "test"}]
     assert loaded.tokenizer.chat_template == model.tokenizer.chat_template

@@ -133,7 +133,8 @@ def load_run(run_dir: str | Path):
 
         lm = PeftModel.from_pretrained(lm, str(run_dir / spec["lm_adapter"])).merge_and_unload()
     projector = Projector(spec["projector"]["type"], vision.hidden_size, lm.get_input_embeddings().embedding_dim,
-                          vision.grid, hidden_size=spec["projector"].get("hidden_size"))
+                          vision.grid, hidden_size=spec["projector"].get("hidden_size"),
+                          merge=spec["projector"].get("merge", 2))
     load_strict(projector, run_dir / PROJECTOR_FILE)
     model = VisionLanguageModel(vision, projector, lm, tokenizer, image_token_id, spec)
     if model.tokens_per_image != spec.get("tokens_per_image", model.tokens_per_image):

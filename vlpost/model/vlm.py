@@ -54,7 +54,7 @@ class VisionLanguageModel(nn.Module):
         vision = VisionTower(cfg.vision)
         lm, tokenizer, image_token_id = load_lm(cfg.lm)
         projector = Projector(cfg.projector.type, vision.hidden_size, lm.get_input_embeddings().embedding_dim,
-                              vision.grid, hidden_size=cfg.projector.hidden_size)
+                              vision.grid, hidden_size=cfg.projector.hidden_size, merge=cfg.projector.merge)
         spec = {"vision": asdict(cfg.vision), "projector": asdict(cfg.projector), "lm": asdict(cfg.lm)}
         return cls(vision, projector, lm, tokenizer, image_token_id, spec)
 
@@ -128,8 +128,14 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None) -> VLMOutput:
+                image_features: torch.Tensor | None = None, logits_mask: torch.Tensor | None = None) -> VLMOutput:
+        """`logits_mask` (B, T) bool: return logits (N, V) for those positions only, in row-major order (the LM
+        head runs on N positions instead of B*T; SFT needs only the positions that predict a trained label)."""
         embeds = self.embed(input_ids, pixel_values, image_embeds, image_features)
+        if logits_mask is not None:
+            if labels is not None:
+                raise ValueError("forward(logits_mask=...) returns selected logits; compute the loss from them")
+            return VLMOutput(logits=self._selected_logits(embeds, attention_mask, position_ids, logits_mask))
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         loss = None
         if labels is not None:
@@ -137,6 +143,19 @@ class VisionLanguageModel(nn.Module):
 
             loss = sft_nll(out.logits, labels)
         return VLMOutput(logits=out.logits, loss=loss)
+
+    def _selected_logits(self, embeds: torch.Tensor, attention_mask, position_ids, mask: torch.Tensor) -> torch.Tensor:
+        head = self.lm.get_output_embeddings()
+        config = self.lm.config
+        plain_head = isinstance(head, nn.Linear) and not getattr(config, "final_logit_softcapping", None) \
+            and getattr(config, "logit_scale", None) is None
+        if not plain_head:  # the LM post-processes its logits: run it whole, then select (same values, no saving)
+            out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+            return out.logits[mask]
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                       position_ids=position_ids, use_cache=False).last_hidden_state
+        return head(hidden[mask])  # (N, V)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,

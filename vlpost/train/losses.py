@@ -113,6 +113,26 @@ def sft_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return -logps.sum(), mask.sum()
 
 
+def selected_nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Summed NLL of `targets` (N,) under already-shifted, already-selected logits (N, V) -> 0-d; same chunked
+    log-softmax as token_logprobs (no (N, V) float32 copy). Pairs with forward(logits_mask=label_positions(labels))."""
+    vocab = logits.shape[-1]
+    if bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"labels hold token ids outside [0, {vocab}): the tokenizer and the model's vocabulary "
+                         "disagree (resize embeddings after adding tokens)")
+    rows = max(1, chunk_elements // vocab)
+    return -_ShiftedTokenLogprob.apply(logits[None], targets[None], rows).sum()
+
+
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) labels -> (mask (B, T) of positions whose next label is trained, their targets (N,)); the last
+    position never predicts. forward(logits_mask=mask).logits[i] predicts targets[i]."""
+    nxt = labels[:, 1:]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = nxt != IGNORE_INDEX
+    return mask, nxt[nxt != IGNORE_INDEX]
+
+
 def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean NLL over the batch (== F.cross_entropy on shifted tensors); 0 when no token counts."""
     total, count = sft_nll_sum(logits, labels)

@@ -46,11 +46,12 @@ class SFTObjective:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        from vlpost.train.losses import sft_nll_sum
+        from vlpost.train.losses import label_positions, selected_nll_sum
 
-        out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch and k != "labels"})
-        loss_sum, count = sft_nll_sum(out.logits, batch["labels"])
-        return loss_sum, {"tokens": int(count)}
+        # the LM head runs only where a label is trained (an SFT batch trains a fraction of its positions)
+        mask, targets = label_positions(batch["labels"])
+        out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch and k != "labels"}, logits_mask=mask)
+        return selected_nll_sum(out.logits, targets), {"tokens": int(targets.numel())}
 
 
 # ---------------------------------------------------------------------------- accelerator
