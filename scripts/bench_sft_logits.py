@@ -22,7 +22,7 @@ from vlpost.data.synthetic import SyntheticWorld
 from vlpost.model.tokenizer import train_bpe_tokenizer
 from vlpost.model.vlm import VisionLanguageModel
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.losses import label_positions, selected_nll_sum, sft_nll_sum
+from vlpost.train.logprobs import label_positions, selected_nll_sum, sft_nll_sum
 
 PRESETS = {  # name -> (tower, LM sizes, image size, batch size)
     "demo-size": ("vlpost-demo-vit", dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,

@@ -5,7 +5,7 @@ import torch
 
 from vlpost.data.chat import ChatEncoder
 from vlpost.data.collate import Example, pack_rows, packed_batch, pad_batch, padding_waste
-from vlpost.train.losses import sft_nll_sum
+from vlpost.train.logprobs import sft_nll_sum
 
 QUESTIONS = [
     ("<image>\nWhat colour is the circle?", "red"),

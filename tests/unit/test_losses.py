@@ -1,4 +1,4 @@
-"""Hand-computed values and naive-equivalence checks for vlpost.train.losses."""
+"""Hand-computed values and naive-equivalence checks for vlpost.train.losses and vlpost.train.logprobs."""
 
 import math
 
@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpost.constants import IGNORE_INDEX
+from vlpost.train import logprobs as LP
 from vlpost.train import losses as L
 
 
@@ -32,7 +33,7 @@ def random_batch(seed=0, batch=3, steps=6, vocab=11, dtype=torch.float32):
 
 def test_token_logprobs_equals_naive_log_softmax_gather():
     logits, labels = random_batch()
-    logps, mask = L.token_logprobs(logits, labels)
+    logps, mask = LP.token_logprobs(logits, labels)
     ref, ref_mask = naive_token_logprobs(logits, labels)
     assert logps.shape == (3, 5) and logps.dtype == torch.float32
     assert torch.equal(mask, ref_mask)
@@ -43,9 +44,9 @@ def test_token_logprobs_gradient_equals_naive_and_chunking_is_invisible():
     logits, labels = random_batch(seed=1)
     weights = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
     grads = []
-    for chunk_elements in (1, 2 * 11, L.CHUNK_ELEMENTS):  # 1 row, 2 rows, whole sequence per chunk
+    for chunk_elements in (1, 2 * 11, LP.CHUNK_ELEMENTS):  # 1 row, 2 rows, whole sequence per chunk
         x = logits.clone().requires_grad_(True)
-        (L.token_logprobs(x, labels, chunk_elements=chunk_elements)[0] * weights).sum().backward()
+        (LP.token_logprobs(x, labels, chunk_elements=chunk_elements)[0] * weights).sum().backward()
         grads.append(x.grad)
     x = logits.clone().requires_grad_(True)
     (naive_token_logprobs(x, labels)[0].float() * weights).sum().backward()
@@ -57,23 +58,23 @@ def test_token_logprobs_gradient_equals_naive_and_chunking_is_invisible():
 def test_token_logprobs_gradcheck_float64():
     logits, labels = random_batch(seed=3, batch=2, steps=4, vocab=5, dtype=torch.float64)
     x = logits.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: L.token_logprobs(t, labels, chunk_elements=10)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: LP.token_logprobs(t, labels, chunk_elements=10)[0], (x,))
 
 
 def test_token_logprobs_ignores_minus_100_labels():
     logits, labels = random_batch(seed=4)
-    logps, mask = L.token_logprobs(logits, labels)
+    logps, mask = LP.token_logprobs(logits, labels)
     # labels[0, :3] ignored -> targets[0, :2] masked (labels[0, 0] is never predicted anyway)
     assert mask[0, :2].tolist() == [False, False] and mask[0, 2]
     assert mask[2, -2:].tolist() == [False, False]
     assert torch.all(logps[~mask] == 0)
     # logits at a position whose target is ignored cannot change anything, nor get a gradient
     x = logits.clone().requires_grad_(True)
-    L.token_logprobs(x, labels)[0].sum().backward()
+    LP.token_logprobs(x, labels)[0].sum().backward()
     assert torch.all(x.grad[0, :2] == 0) and torch.all(x.grad[2, -3:] == 0)
     changed = logits.clone()
     changed[0, :2] += 100.0
-    torch.testing.assert_close(L.token_logprobs(changed, labels)[0], logps)
+    torch.testing.assert_close(LP.token_logprobs(changed, labels)[0], logps)
 
 
 def test_token_logprobs_bfloat16_matches_float32_of_same_values_and_saves_no_float_copy():
@@ -86,7 +87,7 @@ def test_token_logprobs_bfloat16_matches_float32_of_same_values_and_saves_no_flo
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logps, _ = L.token_logprobs(x, labels)
+        logps, _ = LP.token_logprobs(x, labels)
     ref, _ = naive_token_logprobs(logits.float(), labels)
     torch.testing.assert_close(logps.double(), ref, atol=1e-5, rtol=0)
     big = [t for t in saved if t.numel() >= x.numel() // 2]  # anything (B, T, V)-sized
@@ -99,13 +100,13 @@ def test_token_logprobs_rejects_ids_outside_vocab():
     logits, labels = random_batch()
     labels[1, 3] = 11  # vocab is 11
     with pytest.raises(ValueError, match="outside"):
-        L.token_logprobs(logits, labels)
+        LP.token_logprobs(logits, labels)
 
 
 def test_sequence_logprobs_uniform_logits_by_hand():
     logits = torch.zeros(2, 5, 4)  # uniform over 4 tokens: each log-prob is -log 4
     labels = torch.tensor([[-100, -100, 1, 2, 3], [-100, 0, 0, -100, -100]])
-    sums, counts = L.sequence_logprobs(logits, labels)
+    sums, counts = LP.sequence_logprobs(logits, labels)
     assert counts.tolist() == [3, 2]
     torch.testing.assert_close(sums, torch.tensor([-3 * math.log(4), -2 * math.log(4)]))
 
@@ -116,14 +117,14 @@ def test_sequence_logprobs_uniform_logits_by_hand():
 def test_sft_nll_equals_cross_entropy_on_shifted_tensors():
     logits, labels = random_batch(seed=6)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(L.sft_nll(logits, labels), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(LP.sft_nll(logits, labels), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_sft_nll_sum_accumulates_to_the_big_batch_token_mean():
     logits, labels = random_batch(seed=7, batch=4)
     labels[0, 1:5] = IGNORE_INDEX  # a short sample: 1 token; the others have 3-5
-    big = L.sft_nll(logits, labels)
-    parts = [L.sft_nll_sum(logits[i : i + 1], labels[i : i + 1]) for i in range(4)]
+    big = LP.sft_nll(logits, labels)
+    parts = [LP.sft_nll_sum(logits[i : i + 1], labels[i : i + 1]) for i in range(4)]
     exact = sum(s for s, _ in parts) / sum(c for _, c in parts)
     torch.testing.assert_close(exact, big)
     per_micro_mean = sum(s / c for s, c in parts) / 4
@@ -133,23 +134,23 @@ def test_sft_nll_sum_accumulates_to_the_big_batch_token_mean():
 def test_selected_nll_sum_equals_sft_nll_sum_on_the_label_positions():
     logits, labels = random_batch(seed=5)
     logits.requires_grad_(True)
-    mask, targets = L.label_positions(labels)
+    mask, targets = LP.label_positions(labels)
     assert mask[:, -1].sum() == 0 and int(mask.sum()) == targets.numel() == int((labels[:, 1:] != IGNORE_INDEX).sum())
-    full, _ = L.sft_nll_sum(logits, labels)
+    full, _ = LP.sft_nll_sum(logits, labels)
     (grad_full,) = torch.autograd.grad(full, logits)
-    picked = L.selected_nll_sum(logits[mask], targets, chunk_elements=22)  # 2 rows per chunk
+    picked = LP.selected_nll_sum(logits[mask], targets, chunk_elements=22)  # 2 rows per chunk
     (grad_picked,) = torch.autograd.grad(picked, logits)
     naive = -torch.log_softmax(logits[mask].double(), -1).gather(-1, targets[:, None]).sum()
     assert picked.item() == pytest.approx(naive.item(), abs=1e-5) and picked.item() == pytest.approx(full.item(), abs=1e-5)
     assert torch.allclose(grad_picked, grad_full, atol=1e-6)
     with pytest.raises(ValueError, match="outside"):
-        L.selected_nll_sum(logits[mask], targets + 100)
+        LP.selected_nll_sum(logits[mask], targets + 100)
 
 
 def test_sft_nll_with_no_target_tokens_is_zero_not_nan():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     labels = torch.full((2, 3), IGNORE_INDEX)
-    loss = L.sft_nll(logits, labels)
+    loss = LP.sft_nll(logits, labels)
     loss.backward()
     assert loss.item() == 0.0 and torch.all(logits.grad == 0)
 
@@ -378,9 +379,9 @@ def test_entropy_by_hand_and_chunked_equals_naive():
     mask = torch.tensor([[1, 1, 0]])
     two_way = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # p = [1/4, 3/4]
     hand = (math.log(4) + two_way) / 2
-    assert L.entropy_from_logits(logits, mask).item() == pytest.approx(hand, abs=1e-6)
+    assert LP.entropy_from_logits(logits, mask).item() == pytest.approx(hand, abs=1e-6)
     big, _ = random_batch(seed=9)
     big_mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(1)) > 0.3
     log_p = torch.log_softmax(big, -1)
     naive = (-(log_p.exp() * log_p).sum(-1))[big_mask].mean()
-    torch.testing.assert_close(L.entropy_from_logits(big, big_mask, chunk_elements=1), naive)
+    torch.testing.assert_close(LP.entropy_from_logits(big, big_mask, chunk_elements=1), naive)

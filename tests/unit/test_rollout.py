@@ -240,7 +240,7 @@ def test_stored_tower_features_give_the_pixel_forward_and_its_projector_grad(mak
     labels = batch["input_ids"][:, batch["prompt_width"] - 1:].clone()
     labels[:, 1:][~batch["completion_mask"]] = -100
     labels[:, 0] = -100
-    from vlpost.train.losses import token_logprobs
+    from vlpost.train.logprobs import token_logprobs
 
     direct, _ = token_logprobs(out.logits[:, batch["prompt_width"] - 1:], labels)
     direct.sum().backward()

@@ -92,7 +92,7 @@ def test_image_features_reach_the_lm(make_model):
 def test_logits_mask_selects_the_same_logits_and_gradients(make_model, arch, lora):
     from vlpost.config import FreezeConfig
     from vlpost.train.freeze import apply_freeze
-    from vlpost.train.losses import label_positions, selected_nll_sum, sft_nll_sum
+    from vlpost.train.logprobs import label_positions, selected_nll_sum, sft_nll_sum
 
     model = make_model(arch=arch, seed=1)
     apply_freeze(model, FreezeConfig(lm="lora" if lora else "full", lora_targets=("q_proj", "v_proj")))

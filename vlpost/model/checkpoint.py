@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from vlpost.config import LMConfig, VisionConfig
+from vlpost.config import LMConfig, ProjectorConfig, VisionConfig
 from vlpost.constants import LM_SUBDIR, PROJECTOR_FILE, RUN_META_FILE
 
 VISION_FILE = "vision.safetensors"
@@ -132,9 +132,8 @@ def load_run(run_dir: str | Path):
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, str(run_dir / spec["lm_adapter"])).merge_and_unload()
-    projector = Projector(spec["projector"]["type"], vision.hidden_size, lm.get_input_embeddings().embedding_dim,
-                          vision.grid, hidden_size=spec["projector"].get("hidden_size"),
-                          merge=spec["projector"].get("merge", 2))
+    projector = Projector.from_config(_dataclass_from(ProjectorConfig, spec["projector"]), vision.hidden_size,
+                                      lm.get_input_embeddings().embedding_dim, vision.grid)
     load_strict(projector, run_dir / PROJECTOR_FILE)
     model = VisionLanguageModel(vision, projector, lm, tokenizer, image_token_id, spec)
     if model.tokens_per_image != spec.get("tokens_per_image", model.tokens_per_image):

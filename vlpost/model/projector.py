@@ -29,6 +29,11 @@ class Projector(nn.Module):
         if merge != 2 and kind != "pixel_shuffle":
             raise ValueError(f"projector merge={merge} applies to pixel_shuffle only, not {kind!r}")
 
+    @classmethod
+    def from_config(cls, cfg, vision_dim: int, lm_dim: int, grid: tuple[int, int]) -> Projector:
+        """From a ProjectorConfig (model.projector), for a tower of width `vision_dim` and patch `grid`."""
+        return cls(cfg.type, vision_dim, lm_dim, grid, hidden_size=cfg.hidden_size, merge=cfg.merge)
+
     @property
     def tokens_per_image(self) -> int:
         return tokens_per_image(self.kind, self.grid, self.merge)

@@ -53,8 +53,8 @@ class VisionLanguageModel(nn.Module):
             return cls.from_pretrained(cfg.init_from)
         vision = VisionTower(cfg.vision)
         lm, tokenizer, image_token_id = load_lm(cfg.lm)
-        projector = Projector(cfg.projector.type, vision.hidden_size, lm.get_input_embeddings().embedding_dim,
-                              vision.grid, hidden_size=cfg.projector.hidden_size, merge=cfg.projector.merge)
+        projector = Projector.from_config(cfg.projector, vision.hidden_size, lm.get_input_embeddings().embedding_dim,
+                                          vision.grid)
         spec = {"vision": asdict(cfg.vision), "projector": asdict(cfg.projector), "lm": asdict(cfg.lm)}
         return cls(vision, projector, lm, tokenizer, image_token_id, spec)
 
@@ -139,7 +139,7 @@ class VisionLanguageModel(nn.Module):
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         loss = None
         if labels is not None:
-            from vlpost.train.losses import sft_nll
+            from vlpost.train.logprobs import sft_nll
 
             loss = sft_nll(out.logits, labels)
         return VLMOutput(logits=out.logits, loss=loss)

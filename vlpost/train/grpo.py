@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vlpost.constants import IGNORE_INDEX
-from vlpost.train import losses
+from vlpost.train import logprobs, losses
 from vlpost.train.grpo_config import GRPOLossConfig, RolloutConfig
 from vlpost.train.zero import plain_copy
 
@@ -143,7 +143,7 @@ def completion_logprobs(model, batch: dict, temperature: float, projector=None) 
         logits = logits / temperature
     labels = batch["input_ids"][:, start:].masked_fill(
         torch.nn.functional.pad(~batch["completion_mask"], (1, 0), value=True), IGNORE_INDEX)
-    logps, _ = losses.token_logprobs(logits, labels)
+    logps, _ = logprobs.token_logprobs(logits, labels)
     return logps, logits[:, :-1]
 
 
@@ -213,6 +213,6 @@ class GRPOObjective:
         metrics = {k: policy_metrics[k] * share for k in POLICY_METRICS if k in policy_metrics}
         if self.entropy:
             with torch.no_grad():
-                metrics["entropy"] = losses.entropy_from_logits(logits.detach(), mask) * share
+                metrics["entropy"] = logprobs.entropy_from_logits(logits.detach(), mask) * share
         metrics.update(batch.get("rollout_metrics", {}))
         return loss, metrics

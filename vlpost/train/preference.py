@@ -20,7 +20,8 @@ from vlpost.data.chat import ChatEncoder, Encoded, SampleError
 from vlpost.data.collate import Example, pad_batch
 from vlpost.data.pipeline import BatchStream
 from vlpost.model.vlm import splice
-from vlpost.train.losses import dpo_loss, dpo_metrics, dpo_with_sft, sequence_logprobs
+from vlpost.train.logprobs import sequence_logprobs
+from vlpost.train.losses import dpo_loss, dpo_metrics, dpo_with_sft
 
 # ----------------------------------------------------------------------------- encoding and batches
 

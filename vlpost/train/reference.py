@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vlpost.train.losses import sequence_logprobs
+from vlpost.train.logprobs import sequence_logprobs
 from vlpost.train.preference import lm_logits, unwrap, vision_features
 from vlpost.train.zero import plain_copy, whole_model
 

@@ -46,7 +46,7 @@ class SFTObjective:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        from vlpost.train.losses import label_positions, selected_nll_sum
+        from vlpost.train.logprobs import label_positions, selected_nll_sum
 
         # the LM head runs only where a label is trained (an SFT batch trains a fraction of its positions)
         mask, targets = label_positions(batch["labels"])
