@@ -12,3 +12,5 @@ PROJECTOR_FILE = "projector.safetensors"
 LM_SUBDIR = "lm"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a tower folder (open_clip_config.json + weights)
+OPEN_CLIP_CONFIG = "open_clip_config.json"

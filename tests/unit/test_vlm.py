@@ -134,6 +134,47 @@ def test_save_load_identical_logits(make_model, tmp_path, merge):
     assert loaded.tokenizer.chat_template == model.tokenizer.chat_template
 
 
+def test_run_on_a_local_dir_tower_loads_after_the_tower_folder_and_the_run_move(tokenizer_dirs, tmp_path):
+    """A `local-dir:` tower's architecture is stored in the run dir: deleting the folder the run was trained
+    from, and moving the run, still load the same model (before: FileNotFoundError on the tower folder)."""
+    import shutil
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg
+
+    from vlpost.config import LMConfig, ModelConfig, ProjectorConfig, VisionConfig
+    from vlpost.model.vision import register_tiny_configs
+    from vlpost.model.vlm import VisionLanguageModel
+    from vlpost.train.bootstrap import save_open_clip_dir
+
+    register_tiny_configs()
+    model_cfg = open_clip.get_model_config("vlpost-tiny-vit")
+    model_cfg["vision_cfg"]["layers"] = 3  # not the packaged tiny config: the architecture must come from the run
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(**model_cfg)
+    set_model_preprocess_cfg(clip, asdict(PreprocessCfg(size=32)))
+    save_open_clip_dir(clip, model_cfg, tmp_path / "clip")
+    cfg = ModelConfig(vision=VisionConfig(name=f"local-dir:{tmp_path / 'clip'}"), projector=ProjectorConfig(),
+                      lm=LMConfig(tokenizer=tokenizer_dirs["chatml"], hidden_size=32, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, intermediate_size=64))
+    model = VisionLanguageModel.build(cfg).eval()
+    assert len(model.vision.visual.transformer.resblocks) == 3
+    ids = torch.tensor([[5, 6] + [model.image_token_id] * model.tokens_per_image + [7, 8]])
+    pixels = torch.randn(1, 3, 32, 32)
+    before = model(ids, pixel_values=pixels).logits
+    model.save_pretrained(tmp_path / "run")
+    shutil.rmtree(tmp_path / "clip")
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "moved").eval()
+    assert torch.equal(before, loaded(ids, pixel_values=pixels).logits)
+    loaded.save_pretrained(tmp_path / "again")  # a run built on the loaded run carries the architecture on
+    again = VisionLanguageModel.from_pretrained(tmp_path / "again").eval()
+    assert torch.equal(before, again(ids, pixel_values=pixels).logits)
+    assert again.spec["vision"]["name"] == f"local-dir:{tmp_path / 'clip'}"  # lineage keeps what the user named
+
+
 def test_tampered_projector_checkpoint_is_a_clear_error(make_model, tmp_path):
     from safetensors.torch import save_file
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from vlpost.config import LMConfig, ProjectorConfig, VisionConfig
-from vlpost.constants import LM_SUBDIR, PROJECTOR_FILE, RUN_META_FILE
+from vlpost.constants import LM_SUBDIR, LOCAL_DIR, OPEN_CLIP_CONFIG, PROJECTOR_FILE, RUN_META_FILE
 
 VISION_FILE = "vision.safetensors"
+VISION_CONFIG_DIR = "vision"  # a local-dir tower's open_clip_config.json, so the run loads without that folder
 LORA_SUBDIR = "lm_adapter"
 FORMAT_VERSION = 1
 
@@ -24,7 +25,7 @@ def _tower_needs_weights(vision: dict) -> bool:
     if vision["name"].startswith("hf-hub:"):
         return False
     pretrained = vision.get("pretrained")
-    return not pretrained or Path(pretrained).exists() or vision["name"].startswith("local-dir:")
+    return not pretrained or Path(pretrained).exists() or vision["name"].startswith(LOCAL_DIR)
 
 
 def _state(module) -> dict:
@@ -43,10 +44,15 @@ def save_run(model, out_dir: str | Path, lineage: dict | None = None, projector_
         spec["lineage"] = list(model.spec.get("lineage", [])) + ([lineage] if lineage else [])
         spec.pop("lm_adapter", None)
         save_file(_state(model.projector), str(tmp / PROJECTOR_FILE))
-        spec["vision_weights"] = None
+        spec["vision_weights"] = spec["vision_config_dir"] = None
         if _tower_needs_weights(spec["vision"]):
             save_file(_state(model.vision.visual), str(tmp / VISION_FILE))
             spec["vision_weights"] = VISION_FILE
+            if getattr(model.vision, "open_clip_config", None):
+                (tmp / VISION_CONFIG_DIR).mkdir()
+                (tmp / VISION_CONFIG_DIR / OPEN_CLIP_CONFIG).write_text(json.dumps(model.vision.open_clip_config,
+                                                                                   indent=2))
+                spec["vision_config_dir"] = VISION_CONFIG_DIR
         if projector_only:
             if not spec["lm"].get("path"):
                 raise ValueError("projector-only save needs an LM loaded from a dir (lm.path), not a random init")
@@ -118,9 +124,11 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     spec = read_spec(run_dir)
     vision_cfg = _dataclass_from(VisionConfig, spec["vision"])
-    if spec.get("vision_weights") and not vision_cfg.name.startswith("local-dir:"):
+    if spec.get("vision_config_dir"):  # the architecture from the run dir itself, the weights from vision_weights
+        vision_cfg.name, vision_cfg.pretrained = f"{LOCAL_DIR}{run_dir / spec['vision_config_dir']}", None
+    elif spec.get("vision_weights") and not vision_cfg.name.startswith(LOCAL_DIR):
         vision_cfg.pretrained = None  # random init, then the saved weights below
-    vision = VisionTower(vision_cfg)
+    vision = VisionTower(vision_cfg, load_weights=not spec.get("vision_weights"))
     if spec.get("vision_weights"):
         load_strict(vision.visual, run_dir / spec["vision_weights"])
     lm_cfg = _dataclass_from(LMConfig, spec["lm"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import open_clip
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 
 from vlpost.config import VisionConfig
+from vlpost.constants import LOCAL_DIR, OPEN_CLIP_CONFIG
 
 TINY_CONFIGS = Path(__file__).parent / "configs"  # vlpost-tiny-vit, vlpost-demo-vit (tests and demo)
 _registered = False
@@ -22,23 +25,44 @@ def register_tiny_configs() -> None:
         _registered = True
 
 
-def create_clip(cfg: VisionConfig):
-    """A whole open_clip model + its eval transform, from a name and a tag / local file / local dir."""
+def local_dir_config(name: str) -> dict | None:
+    """The open_clip_config.json of a `local-dir:` tower (None for other names), with a clear error if missing."""
+    if not name.startswith(LOCAL_DIR):
+        return None
+    path = Path(name[len(LOCAL_DIR):]) / OPEN_CLIP_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"vision.name={name!r}: {path} not found (a local-dir tower is a folder holding "
+                                f"{OPEN_CLIP_CONFIG} and its weights, as stages/bootstrap.py writes)")
+    return json.loads(path.read_text())
+
+
+def create_clip(cfg: VisionConfig, load_weights: bool = True):
+    """A whole open_clip model + its eval transform, from a name and a tag / local file / local dir.
+    `load_weights=False` builds the architecture only (a run dir then loads its saved tower weights)."""
     register_tiny_configs()
-    pretrained = cfg.pretrained
-    if pretrained and not cfg.name.startswith(("local-dir:", "hf-hub:")) and Path(pretrained).suffix:
+    pretrained = cfg.pretrained if load_weights else None
+    if pretrained and not cfg.name.startswith((LOCAL_DIR, "hf-hub:")) and Path(pretrained).suffix:
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"vision.pretrained checkpoint not found: {pretrained}")
-    model, _, transform = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained, weights_only=True)
+    previous = logging.root.manager.disable
+    if not load_weights:  # open_clip warns that a config-only local dir holds no weights: expected here
+        logging.disable(logging.WARNING)
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained,
+                                                                    load_weights=load_weights, weights_only=True)
+    finally:
+        logging.disable(previous)
     return model, transform
 
 
 class VisionTower(nn.Module):
     """open_clip ViT → (N_img, num_patches, width) features of block `feature_layer`; frozen by default."""
 
-    def __init__(self, cfg: VisionConfig, frozen: bool = True):
+    def __init__(self, cfg: VisionConfig, frozen: bool = True, load_weights: bool = True):
         super().__init__()
-        clip, self.transform = create_clip(cfg)
+        # a local-dir tower's architecture travels with every run dir built on it (see checkpoint.save_run)
+        self.open_clip_config = local_dir_config(cfg.name)
+        clip, self.transform = create_clip(cfg, load_weights=load_weights)
         self.visual = clip.visual
         if not hasattr(self.visual, "transformer"):
             raise ValueError(f"vision tower {cfg.name!r} is not an open_clip VisionTransformer (ViT towers only)")

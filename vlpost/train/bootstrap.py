@@ -71,10 +71,7 @@ def train_tiny_clip(spec: ClipSpec, pairs, out_dir: Path, image_size: int, seed:
     config gives the same checkpoint bit for bit.
     """
     import open_clip
-    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
     from open_clip.loss import ClipLoss
-    from open_clip.push_to_hf_hub import save_config_for_hf
-    from safetensors.torch import save_file
 
     from vlpost.model.vision import register_tiny_configs
 
@@ -104,11 +101,20 @@ def train_tiny_clip(spec: ClipSpec, pairs, out_dir: Path, image_size: int, seed:
     model.eval()
     model_cfg = open_clip.get_model_config(spec.model)
     model_cfg["vision_cfg"]["image_size"] = image_size
+    save_open_clip_dir(model, model_cfg, out_dir)
+    return {"clip_loss": loss.item(), "clip_retrieval_acc": clip_retrieval_accuracy(model, pixels[:256], tokens[:256])}
+
+
+def save_open_clip_dir(model, model_cfg: dict, out_dir: Path) -> None:
+    """open_clip's folder format (what `hf-hub:` repos hold; `vision.name: local-dir:<out_dir>` loads it)."""
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    # open_clip's folder format (what `hf-hub:` repos hold); its SimpleTokenizer needs no files
+    # its SimpleTokenizer needs no files
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / HF_SAFE_WEIGHTS_NAME))
     save_config_for_hf(model, out_dir / HF_CONFIG_NAME, model_config=model_cfg)
-    return {"clip_loss": loss.item(), "clip_retrieval_acc": clip_retrieval_accuracy(model, pixels[:256], tokens[:256])}
 
 
 @torch.no_grad()
