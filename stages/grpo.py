@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     apply_freeze(model, cfg.freeze)
     settings = loss_settings(cfg.grpo, cfg.rollout)
     engine = build_engine(cfg.rollout.backend, model, autocast=acc.autocast)
-    held_out = eval_items(cfg.data, cfg.grpo.eval_prompts) if run.is_main else []
+    held_out, eval_source = eval_items(cfg.data, cfg.grpo.eval_prompts, cfg.grpo.eval_shards) if run.is_main \
+        else ([], "none")
 
     def evaluate() -> dict:
         model.to(acc.device)
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     return finish_run(run, trainer, extra={
         "loss_type": cfg.grpo.loss, "prompts_drawn": batches.prompts_drawn,
         "generation_share": batches.generation_share(), "eval_before": before, "eval_after": after,
+        "eval_source": eval_source,
     })
 
 

@@ -116,8 +116,9 @@ class Demo:
         for name, data in (("dpo", "preference"), ("grpo", "prompt")):
             if not (ROOT / "stages" / f"{name}.py").is_file():
                 continue
+            held_out = ["--grpo.eval_shards", f"[{self.shards('eval_vqa')},{self.shards('eval_safety')}]"]
             self.report[name] = self.stage(name, "--model.init_from", str(self.out / last),
-                                           "--data.shards", str(self.shards(data)))
+                                           "--data.shards", str(self.shards(data)), *(held_out if name == "grpo" else []))
             self.report[name] |= self.evaluate(name, safety=True)
             last = name
         if "grpo" in self.report:

@@ -28,3 +28,9 @@ def test_demo_smoke_runs_every_stage(tmp_path):
     # the audit step's image-token count is the one the trained model really uses
     align = VisionLanguageModel.from_pretrained(out / "align")
     assert demo_tokens_per_image(out / "bootstrap" / "clip") == align.projector.tokens_per_image
+    # GRPO's before/after prompts are the demo's held-out eval shards, not the prompts it trains on
+    assert written["grpo"]["eval_source"] == f"held-out shards {out / 'data' / 'eval_vqa'}, {out / 'data' / 'eval_safety'}"
+    # a finished run loads without the bootstrap tower folder it was built from (its open_clip config travels)
+    (out / "bootstrap" / "clip").rename(out / "bootstrap" / "clip-moved")
+    grpo = VisionLanguageModel.from_pretrained(out / "grpo")
+    assert grpo.tokens_per_image == align.projector.tokens_per_image

@@ -279,3 +279,23 @@ def test_loss_pass_reproduces_greedy_generation(make_model):
         _, logits = completion_logprobs(model, batch, temperature=1.0)
     for i, ids in enumerate(rollout.completion_ids):
         assert logits[i, :len(ids)].argmax(-1).tolist() == ids
+
+
+def test_eval_items_come_from_the_named_held_out_shards_not_the_training_prompts(tmp_path):
+    """GRPO's before/after prompts: the first ones of each eval_shards folder (split evenly); without eval_shards
+    the first training prompts, labelled as such (they are not held out)."""
+    from vlpost.cli import main as vlpost
+    from vlpost.config import DataConfig
+    from vlpost.train.rollout import eval_items
+
+    for name, args in (("train", ["--kind", "prompt"]), ("vqa", ["--kind", "vqa", "--split", "eval"]),
+                       ("safety", ["--kind", "safety", "--split", "eval"])):
+        assert vlpost(["prepare", "synthetic", "--out", str(tmp_path / name), "--num", "6", *args]) == 0
+    data = DataConfig(shards=str(tmp_path / "train"))
+    ids = lambda items: [sample["meta"]["id"] for sample, _ in items]  # noqa: E731
+    items, source = eval_items(data, 5, [str(tmp_path / "vqa"), str(tmp_path / "safety")])
+    assert ids(items) == [f"syn-vqa-eval-{i:07d}" for i in range(3)] + [f"syn-safety-eval-{i:07d}" for i in range(2)]
+    assert source.startswith("held-out shards")
+    items, source = eval_items(data, 3)
+    assert ids(items) == [f"syn-prompt-train-{i:07d}" for i in range(3)] and source == "training shards"
+    assert eval_items(data, 0, [str(tmp_path / "vqa")]) == ([], "none")

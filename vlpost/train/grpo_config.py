@@ -43,6 +43,9 @@ class GRPOLossConfig:
     max_refill: int = 3  # extra generation rounds per rollout batch to replace dropped groups
     overlong_cache: int | None = None  # DAPO soft overlong window in tokens; None = dapo: max_new_tokens // 4
     eval_prompts: int = 32  # held-out prompts answered greedily before and after training (main process); 0 = off
+    # prompt shard folders those prompts come from (split evenly, first ones of each). Empty with data.shards: the
+    # first eval_prompts training prompts, which training also draws (summary eval_source says "training shards")
+    eval_shards: list[str] = field(default_factory=list)
 
 
 def _grpo_freeze() -> FreezeConfig:

@@ -360,16 +360,26 @@ def evaluate_prompts(engine: RolloutEngine, model, items: list, sampling: Rollou
     return rollout_metrics([ScoredRound(rollout.texts, samples, rewards, rollout.lengths, rollout.truncated)])
 
 
-def eval_items(data, n: int) -> list:
-    """Held-out synthetic prompts (half VQA, half safety) or, with shards, the first n prompt samples."""
+def eval_items(data, n: int, shards: list[str] | tuple[str, ...] = ()) -> tuple[list, str]:
+    """`n` prompts answered before and after GRPO, and where they come from: the first ones of each `shards`
+    folder (split evenly), else with `data.shards` the first n training prompts (not held out), else held-out
+    synthetic prompts (half VQA, half safety)."""
     if n <= 0:
-        return []
-    if data.shards:
+        return [], "none"
+    if shards or data.shards:
         from vlpost.data.shards import ShardStream
 
-        return list(itertools.islice(ShardStream(data.shards, shuffle=False, loop=False), n))
+        if not shards:
+            log.warning("grpo.eval_shards is empty: the %d prompts answered before and after training are the first "
+                        "training prompts, which training also draws; name held-out prompt shards for an honest "
+                        "before/after", n)
+        folders = list(shards) or [data.shards]
+        share = [n // len(folders) + (i < n % len(folders)) for i in range(len(folders))]
+        items = [item for folder, k in zip(folders, share)
+                 for item in itertools.islice(ShardStream(folder, shuffle=False, loop=False), k)]
+        return items, ("held-out shards " + ", ".join(map(str, folders))) if shards else "training shards"
     from vlpost.data.synthetic import SyntheticWorld
 
     world = SyntheticWorld(seed=data.synthetic_seed, image_size=data.image_size)
     records = itertools.chain(world.eval_records("vqa", n - n // 2), world.eval_records("safety", n // 2))
-    return [(r.sample, r.image) for r in records]
+    return [(r.sample, r.image) for r in records], "held-out synthetic prompts"
