@@ -113,12 +113,13 @@ class Demo:
                                         "--data.shards", str(self.shards("sft")))
         self.report["sft"] |= self.evaluate("sft", blind=True, safety=True)
         last = "sft"
+        # GRPO's own before/after answers the held-out eval prompts, not the ones it trains on
+        held_out = {"grpo": ["--grpo.eval_shards", f"[{self.shards('eval_vqa')},{self.shards('eval_safety')}]"]}
         for name, data in (("dpo", "preference"), ("grpo", "prompt")):
             if not (ROOT / "stages" / f"{name}.py").is_file():
                 continue
-            held_out = ["--grpo.eval_shards", f"[{self.shards('eval_vqa')},{self.shards('eval_safety')}]"]
             self.report[name] = self.stage(name, "--model.init_from", str(self.out / last),
-                                           "--data.shards", str(self.shards(data)), *(held_out if name == "grpo" else []))
+                                           "--data.shards", str(self.shards(data)), *held_out.get(name, []))
             self.report[name] |= self.evaluate(name, safety=True)
             last = name
         if "grpo" in self.report:
