@@ -7,6 +7,7 @@ import sys
 
 from vlpost.config import SFTConfig, parse_stage_args
 from vlpost.model.vlm import VisionLanguageModel
+from vlpost.train.feature_cache import cache_tower_features, feature_cache_summary
 from vlpost.train.freeze import apply_freeze
 from vlpost.train.stage import finish_run, sft_batches, start_run
 from vlpost.train.trainer import SFTObjective, Trainer
@@ -19,9 +20,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = VisionLanguageModel.build(cfg.model)
     apply_freeze(model, cfg.freeze)
     batches = sft_batches(cfg.data, model, kind="sft", run=run, batch_size=cfg.train.batch_size)
+    batches = cache_tower_features(batches, model, cfg.data.feature_cache, run.accelerator)  # off when None
     trainer = Trainer(model, batches, SFTObjective(), cfg.train, run.out, run.accelerator, stage="sft")
     trainer.fit()
-    return finish_run(run, trainer)
+    return finish_run(run, trainer, extra=feature_cache_summary(batches, trainer.global_sums))
 
 
 if __name__ == "__main__":

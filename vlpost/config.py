@@ -68,9 +68,10 @@ class DataConfig:
 
 
 @dataclass
-class AlignDataConfig(DataConfig):
-    # Stage 1 only: a folder where the frozen tower's features (what the projector reads) are stored per image,
-    # keyed by sample id + image digest + tower fingerprint; later epochs and runs skip the ViT. None = off.
+class TowerCacheDataConfig(DataConfig):
+    # Stages 1 and 2 (the tower is frozen there): a folder where the tower's features (what the projector reads)
+    # are stored per image, keyed by sample id + image digest + tower fingerprint; later epochs and runs skip the
+    # ViT. None = off.
     feature_cache: str | None = None
 
 
@@ -128,7 +129,7 @@ class AlignConfig(StageConfig):
     """Stage 1: projector learns on image-caption pairs; tower and LM frozen."""
 
     out: str = "runs/align"
-    data: AlignDataConfig = field(default_factory=AlignDataConfig)
+    data: TowerCacheDataConfig = field(default_factory=TowerCacheDataConfig)
     freeze: FreezeConfig = field(default_factory=_align_freeze)
 
 
@@ -137,6 +138,7 @@ class SFTConfig(StageConfig):
     """Stage 2: projector + LM (full or LoRA) on conversations, assistant-only loss."""
 
     out: str = "runs/sft"
+    data: TowerCacheDataConfig = field(default_factory=TowerCacheDataConfig)
     freeze: FreezeConfig = field(default_factory=_sft_freeze)
 
 

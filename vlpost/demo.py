@@ -107,10 +107,12 @@ class Demo:
         self.vlpost("audit sft shards", "audit", str(self.shards("sft")), "--tokenizer", str(boot / "tokenizer"),
                     "--tokens-per-image", str(demo_tokens_per_image(boot / "clip")))
         model = ["--model.vision.name", f"local-dir:{boot / 'clip'}", "--model.lm.path", str(boot / "lm")]
-        self.report["align"] = self.stage("align", *model, "--data.shards", str(self.shards("caption")))
+        # stages 1 and 2 keep the frozen tower's features on disk: each image goes through the ViT once
+        cache = ["--data.feature_cache", str(self.out / "cache" / "tower")]
+        self.report["align"] = self.stage("align", *model, "--data.shards", str(self.shards("caption")), *cache)
         self.report["align"]["caption_loss"] = self.report["align"]["final_loss"]
         self.report["sft"] = self.stage("sft", "--model.init_from", str(self.out / "align"),
-                                        "--data.shards", str(self.shards("sft")))
+                                        "--data.shards", str(self.shards("sft")), *cache)
         self.report["sft"] |= self.evaluate("sft", blind=True, safety=True)
         last = "sft"
         # GRPO's own before/after answers the held-out eval prompts, not the ones it trains on

@@ -1,4 +1,5 @@
-"""Stage 1's feature cache: same training with or without it, later runs skip the ViT, no stale or broken reads."""
+"""The frozen-tower feature cache (stages 1 and 2): same training with or without it, later runs skip the ViT, no
+stale or broken reads."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from vlpost.config import AlignConfig, FreezeConfig, SFTConfig, TrainConfig, load_config
+from vlpost.train.dpo_config import DPOConfig
 from vlpost.constants import IMAGE_TOKEN
 from vlpost.data.chat import ChatEncoder
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource, records_to_items
@@ -37,19 +39,22 @@ def stream(model, packing: bool = False) -> BatchStream:
                        max_length=256, buffer_size=8)
 
 
-def aligned(make_model, out: Path, cache: Path | None, packing: bool = False, steps: int = 6, tweak=None):
-    """Train the projector `steps` steps (two epochs of 3 batches) → (losses, projector state, batches, model)."""
+def aligned(make_model, out: Path, cache: Path | None, packing: bool = False, steps: int = 6, tweak=None,
+            lm: str = "frozen"):
+    """Train the projector (and the LM with `lm="full"`, as SFT does) `steps` steps (two epochs of 3 batches)
+    → (losses, trained weights, batches, model)."""
     model = make_model(seed=0)
     if tweak:
         tweak(model)
-    apply_freeze(model, FreezeConfig(lm="frozen", projector="train"))
+    apply_freeze(model, FreezeConfig(lm=lm, projector="train"))
     batches = cache_tower_features(stream(model, packing), model, cache)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_ratio=0.0, log_every=1, save_every=0,
                       report_to="none", mixed_precision="no")
     trainer = Trainer(model, batches, SFTObjective(), cfg, out)
     trainer.fit()
     losses = [row["loss"] for row in trainer.history]
-    return losses, {k: v.clone() for k, v in model.projector.state_dict().items()}, batches, model
+    trained = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return losses, trained, batches, model
 
 
 def same(a, b) -> bool:
@@ -66,6 +71,13 @@ def test_cached_training_equals_uncached(make_model, tmp_path, packing):
     assert len(plain[0]) == 6 and same(plain, cached)
     stats = cached[2].summary()
     assert stats["misses"] == 6 and stats["hits"] >= 6  # 6 images: computed in epoch 1, read from then on
+
+
+def test_sft_with_the_cache_equals_sft_without(make_model, tmp_path):
+    plain = aligned(make_model, tmp_path / "plain", None, lm="full")
+    cached = aligned(make_model, tmp_path / "cached", tmp_path / "cache", lm="full")
+    assert any(name.startswith("lm.") for name in plain[1]) and same(plain, cached)
+    assert cached[2].summary()["misses"] == 6
 
 
 def test_a_second_run_reads_only_hits_and_never_runs_the_tower(make_model, tmp_path, monkeypatch):
@@ -141,11 +153,12 @@ def test_a_trainable_tower_is_refused(make_model, tmp_path):
     assert not isinstance(cache_tower_features(stream(model), model, None), CachedFeatureBatches)
 
 
-def test_only_the_align_config_has_the_key():
-    assert load_config(AlignConfig, overrides=["--data.feature_cache", "/tmp/x"]).data.feature_cache == "/tmp/x"
-    assert load_config(AlignConfig).data.feature_cache is None
+def test_only_the_align_and_sft_configs_have_the_key():
+    for config in (AlignConfig, SFTConfig):  # the stages whose tower is frozen and that read images per sample
+        assert load_config(config, overrides=["--data.feature_cache", "/tmp/x"]).data.feature_cache == "/tmp/x"
+        assert load_config(config).data.feature_cache is None
     with pytest.raises(BaseException):  # noqa: B017 (draccus exits with a usage error naming the key)
-        load_config(SFTConfig, overrides=["--data.feature_cache", "/tmp/x"])
+        load_config(DPOConfig, overrides=["--data.feature_cache", "/tmp/x"])
 
 
 def test_resumed_with_the_cache_equals_uninterrupted(make_model, tmp_path):
@@ -162,4 +175,5 @@ def test_resumed_with_the_cache_equals_uninterrupted(make_model, tmp_path):
                       cfg, tmp_path / "cut", resume_from=str(tmp_path / "cut" / "checkpoints" / "step-3"))
     resumed.fit()
     losses = [row["loss"] for row in resumed.history]
-    assert same((losses[-3:], model.projector.state_dict()), (straight[0][-3:], straight[1]))
+    trained = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    assert same((losses[-3:], trained), (straight[0][-3:], straight[1]))
