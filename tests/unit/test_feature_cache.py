@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from vlpost.config import AlignConfig, FreezeConfig, SFTConfig, TrainConfig, load_config
-from vlpost.train.dpo_config import DPOConfig
 from vlpost.constants import IMAGE_TOKEN
 from vlpost.data.chat import ChatEncoder
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource, records_to_items
 from vlpost.data.synthetic import SyntheticWorld
+from vlpost.train.dpo_config import DPOConfig
 from vlpost.train.feature_cache import CachedFeatureBatches, cache_tower_features
 from vlpost.train.freeze import apply_freeze
 from vlpost.train.trainer import SFTObjective, Trainer
