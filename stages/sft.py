@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     apply_freeze(model, cfg.freeze)
     batches = sft_batches(cfg.data, model, kind="sft", run=run, batch_size=cfg.train.batch_size)
     batches = cache_tower_features(batches, model, cfg.data.feature_cache, run.accelerator)  # off when None
-    trainer = Trainer(model, batches, SFTObjective(), cfg.train, run.out, run.accelerator, stage="sft")
+    trainer = Trainer(model, batches, SFTObjective(cfg.train.loss_reduction), cfg.train, run.out, run.accelerator, stage="sft")
     trainer.fit()
     return finish_run(run, trainer, extra=feature_cache_summary(batches, trainer.global_sums))
 

@@ -108,6 +108,13 @@ class TrainConfig:
 
 
 @dataclass
+class SFTTrainConfig(TrainConfig):
+    # how assistant-token NLL is averaged over the optimizer step: token (every token weighs the same; long answers
+    # dominate) | sample (every sample weighs the same) | square (1/sqrt(tokens) per token, InternVL 2.5)
+    loss_reduction: str = "token"
+
+
+@dataclass
 class StageConfig:
     out: str = "runs/stage"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -131,6 +138,7 @@ class AlignConfig(StageConfig):
     out: str = "runs/align"
     data: TowerCacheDataConfig = field(default_factory=TowerCacheDataConfig)
     freeze: FreezeConfig = field(default_factory=_align_freeze)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
 
 
 @dataclass
@@ -140,6 +148,7 @@ class SFTConfig(StageConfig):
     out: str = "runs/sft"
     data: TowerCacheDataConfig = field(default_factory=TowerCacheDataConfig)
     freeze: FreezeConfig = field(default_factory=_sft_freeze)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
 
 
 CHOICES = {
@@ -149,6 +158,7 @@ CHOICES = {
     "freeze.lm": ("frozen", "full", "lora"),
     "freeze.projector": ("train", "frozen"),
     "train.schedule": ("cosine", "linear", "constant"),
+    "train.loss_reduction": ("token", "sample", "square"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
 }
 

@@ -1,7 +1,8 @@
 """Gradient accumulation is exact: batch 1 × accumulation 8 == batch 8 × accumulation 1 (== 2 × 4).
 
 The samples have different numbers of assistant tokens, so averaging per micro-batch (instead of over all
-tokens of the optimizer step) would give different gradients; clipping acts on the accumulated gradient.
+tokens of the optimizer step) would give different gradients; clipping acts on the accumulated gradient. The same
+holds for the per-sample mean (`train.loss_reduction: sample`): its normaliser is the step's sample count.
 """
 
 import pytest
@@ -28,7 +29,8 @@ def items(n: int) -> list:
     return out
 
 
-def train(make_model, tmp_path, batch_size: int, grad_accum: int) -> tuple[Trainer, torch.nn.Module]:
+def train(make_model, tmp_path, batch_size: int, grad_accum: int,
+          reduction: str = "token") -> tuple[Trainer, torch.nn.Module]:
     model = make_model(seed=0)
     apply_freeze(model, FreezeConfig(lm="full"))
     encoder = ChatEncoder(model.tokenizer, model.tokens_per_image)
@@ -36,13 +38,14 @@ def train(make_model, tmp_path, batch_size: int, grad_accum: int) -> tuple[Train
                          batch_size=batch_size, pad_id=model.tokenizer.pad_token_id)
     cfg = TrainConfig(steps=3, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, warmup_ratio=0.0,
                       max_grad_norm=1.0, log_every=1, save_every=0, report_to="none")
-    trainer = Trainer(model, stream, SFTObjective(), cfg, tmp_path / f"b{batch_size}a{grad_accum}")
+    trainer = Trainer(model, stream, SFTObjective(reduction), cfg, tmp_path / f"{reduction}-b{batch_size}a{grad_accum}")
     trainer.fit()
     return trainer, model
 
 
-def test_batch_1_accum_8_equals_batch_8_accum_1(make_model, tmp_path):
-    runs = [train(make_model, tmp_path, b, a) for b, a in ((8, 1), (1, 8), (2, 4))]
+@pytest.mark.parametrize("reduction", ["token", "sample"])
+def test_batch_1_accum_8_equals_batch_8_accum_1(make_model, tmp_path, reduction):
+    runs = [train(make_model, tmp_path, b, a, reduction) for b, a in ((8, 1), (1, 8), (2, 4))]
     (reference, ref_model), others = runs[0], runs[1:]
     assert reference.history[0]["grad_norm"] > 1.0  # clipping is active, so it must act on the whole step
     for trainer, model in others:

@@ -5,7 +5,7 @@ import torch
 
 from vlpost.data.chat import ChatEncoder
 from vlpost.data.collate import Example, pack_rows, packed_batch, pad_batch, padding_waste
-from vlpost.train.logprobs import sft_nll_sum
+from vlpost.train.logprobs import label_positions, loss_weights, selected_nll_sum, sft_nll_sum
 
 QUESTIONS = [
     ("<image>\nWhat colour is the circle?", "red"),
@@ -45,6 +45,23 @@ def test_packed_loss_equals_unpacked(make_model, attn):
     loss_p, count_p = sft_nll_sum(model(**model_inputs(packed)).logits, packed["labels"])
     assert int(count_u) == int(count_p)
     assert abs(float(loss_u) - float(loss_p)) < 1e-5 * max(1.0, abs(float(loss_u)))
+
+
+@pytest.mark.parametrize("reduction", ["sample", "square"])
+def test_per_sample_reductions_are_the_same_packed(make_model, reduction):
+    """Per-sample loss weights find the samples inside packed rows: packed == one sample per row."""
+    model = make_model().eval()
+    exs = examples(model)
+    pad_id = model.tokenizer.pad_token_id
+    losses = []
+    for batch in (pad_batch(exs, pad_id), packed_batch(pack_rows(exs, max_length=max(len(e) for e in exs) * 2), pad_id)):
+        weights, normaliser = loss_weights(batch["labels"], batch.get("position_ids"), reduction)
+        _, targets = label_positions(batch["labels"])
+        logits = model(**model_inputs(batch)).logits[label_positions(batch["labels"])[0]]
+        losses.append((float(selected_nll_sum(logits, targets, weights=weights)), normaliser))
+    (loss_u, norm_u), (loss_p, norm_p) = losses
+    assert norm_u == pytest.approx(norm_p) and (reduction != "sample" or norm_u == len(exs))
+    assert loss_u == pytest.approx(loss_p, rel=1e-5)
 
 
 def test_packed_logits_match_per_sample(make_model):

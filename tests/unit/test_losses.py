@@ -147,6 +147,67 @@ def test_selected_nll_sum_equals_sft_nll_sum_on_the_label_positions():
         LP.selected_nll_sum(logits[mask], targets + 100)
 
 
+def per_sample_nll(logits, labels):
+    """Reference: each row's summed NLL and trained-token count, with F.cross_entropy on the shifted tensors."""
+    sums, counts = [], []
+    for row_logits, row_labels in zip(logits, labels):
+        targets = row_labels[1:]
+        sums.append(F.cross_entropy(row_logits[:-1].double(), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+        counts.append(int((targets != IGNORE_INDEX).sum()))
+    return torch.stack(sums), torch.tensor(counts, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "square"])
+def test_loss_reductions_against_per_sample_cross_entropy(reduction):
+    logits, labels = random_batch(seed=8, batch=4, steps=9)
+    labels[1, 1:7] = IGNORE_INDEX  # row 1: 2 trained tokens; the others 5-8: the reductions must differ
+    mask, targets = LP.label_positions(labels)
+    weights, normaliser = LP.loss_weights(labels, reduction=reduction)
+    loss = LP.selected_nll_sum(logits[mask], targets, weights=weights) / normaliser
+    sums, n = per_sample_nll(logits, labels)
+    expected = {"token": sums.sum() / n.sum(),  # every token the same
+                "sample": (sums / n).mean(),  # mean of the per-sample token means
+                "square": (sums / n.sqrt()).sum() / n.sqrt().sum()}[reduction]  # InternVL 2.5
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    others = {"token": sums.sum() / n.sum(), "sample": (sums / n).mean()}
+    for name, value in others.items():
+        if name != reduction:
+            assert abs(loss.item() - value.item()) > 1e-3, name  # the batch tells the reductions apart
+
+
+def test_loss_weights_find_the_samples_of_a_packed_row():
+    """Packed rows: samples are the segments where position_ids restart at 0 (padding has no trained tokens)."""
+    labels = torch.tensor([[-100, 5, 6, -100, -100, 7, 8, 9, 4, -100],   # samples of 2 and 4 trained tokens
+                           [-100, -100, 3, -100, -100, -100, -100, -100, -100, -100]])  # 1 token, then padding
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 0, 0, 0, 0, 0, 0, 0]])
+    weights, normaliser = LP.loss_weights(labels, positions, "sample")
+    assert normaliser == 3 and weights.tolist() == pytest.approx([1 / 2] * 2 + [1 / 4] * 4 + [1.0])
+    weights, normaliser = LP.loss_weights(labels, positions, "square")
+    assert normaliser == pytest.approx(math.sqrt(2) + 2 + 1)
+    assert weights.tolist() == pytest.approx([2 ** -0.5] * 2 + [0.5] * 4 + [1.0])
+    weights, normaliser = LP.loss_weights(labels, None, "sample")  # unpacked: a row is one sample
+    assert normaliser == 2 and weights.tolist() == pytest.approx([1 / 6] * 6 + [1.0])
+    assert LP.loss_weights(labels, positions, "token") == (None, 7.0)
+    with pytest.raises(ValueError, match="mean"):
+        LP.loss_weights(labels, positions, "mean")
+
+
+def test_loss_reduction_is_a_key_of_the_align_and_sft_configs():
+    from vlpost.config import AlignConfig, SFTConfig, load_config
+    from vlpost.train.dpo_config import DPOConfig
+    from vlpost.train.trainer import SFTObjective
+
+    for config in (AlignConfig, SFTConfig):
+        assert load_config(config).train.loss_reduction == "token"  # the default keeps the token mean
+        assert load_config(config, overrides=["--train.loss_reduction", "sample"]).train.loss_reduction == "sample"
+        with pytest.raises(ValueError, match="train.loss_reduction"):
+            load_config(config, overrides=["--train.loss_reduction", "mean"])
+    with pytest.raises(BaseException):  # noqa: B017 (draccus exits with a usage error naming the key)
+        load_config(DPOConfig, overrides=["--train.loss_reduction", "sample"])
+    with pytest.raises(ValueError, match="train.loss_reduction"):
+        SFTObjective("mean")
+
+
 def test_sft_nll_with_no_target_tokens_is_zero_not_nan():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     labels = torch.full((2, 3), IGNORE_INDEX)

@@ -109,13 +109,45 @@ def sft_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return -logps.sum(), mask.sum()
 
 
-def selected_nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def selected_nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS,
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed NLL of `targets` (N,) under already-shifted, already-selected logits (N, V) -> 0-d; same chunked
-    log-softmax as token_logprobs (no (N, V) float32 copy). Pairs with forward(logits_mask=label_positions(labels))."""
+    log-softmax as token_logprobs (no (N, V) float32 copy). Pairs with forward(logits_mask=label_positions(labels)).
+    `weights` (N,) scales each token's NLL (see `loss_weights`)."""
     vocab = logits.shape[-1]
     _check_ids(targets, torch.ones_like(targets, dtype=torch.bool), vocab)
     rows = max(1, chunk_elements // vocab)
-    return -_ShiftedTokenLogprob.apply(logits[None], targets[None], rows).sum()
+    logps = _ShiftedTokenLogprob.apply(logits[None], targets[None], rows)[0]
+    return -(logps if weights is None else logps * weights.to(logps.dtype)).sum()
+
+
+LOSS_REDUCTIONS = ("token", "sample", "square")
+
+
+def loss_weights(labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                 reduction: str = "token") -> tuple[torch.Tensor | None, float]:
+    """Per trained target (in `label_positions` order) its loss weight, and the micro-batch's normaliser.
+
+    With n_i the trained tokens of sample i (a row, or a segment of a packed row: position_ids restart at 0):
+    - token:  weight 1, normaliser sum n_i. Every token weighs the same, so long answers dominate the gradient.
+    - sample: weight 1 / n_i, normaliser the number of samples: the mean over samples of each one's token mean,
+      so a one-word VQA answer weighs as much as a paragraph.
+    - square: weight 1 / sqrt(n_i), normaliser sum sqrt(n_i) (InternVL 2.5's "square averaging", in between).
+    The trainer sums losses and normalisers over micro-batches and ranks before dividing, so the result is the
+    reduction over the whole optimizer step, whatever the accumulation and world size. Weights are None for token.
+    """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss reduction {reduction!r}; expected one of {LOSS_REDUCTIONS}")
+    trained = labels[:, 1:] != IGNORE_INDEX  # targets, as label_positions orders them (row-major)
+    if reduction == "token":
+        return None, float(trained.sum())
+    segment = torch.zeros_like(labels) if position_ids is None else (position_ids == 0).long().cumsum(1)
+    sample = torch.arange(len(labels), device=labels.device)[:, None] * (labels.shape[1] + 1) + segment
+    _, which, n = torch.unique(sample[:, 1:][trained], return_inverse=True, return_counts=True)
+    n = n.to(torch.float64)
+    if reduction == "sample":
+        return (1.0 / n)[which].float(), float(len(n))
+    return (1.0 / n.sqrt())[which].float(), float(n.sqrt().sum())
 
 
 def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlpost.config import TrainConfig
-from vlpost.constants import IGNORE_INDEX
 from vlpost.train import checkpointing
 from vlpost.train.freeze import enable_gradient_checkpointing, param_groups
 from vlpost.train.metrics import MetricsLogger
@@ -40,18 +39,29 @@ class Objective(Protocol):
 
 
 class SFTObjective:
-    """Summed NLL over assistant tokens; the trainer divides by the step's global token count."""
+    """Summed (weighted) NLL over assistant tokens; the trainer divides by the step's global normaliser: tokens
+    (`reduction="token"`), samples ("sample") or sum of sqrt(tokens) per sample ("square"); see `loss_weights`."""
 
-    def count(self, batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    def __init__(self, reduction: str = "token"):
+        from vlpost.train.logprobs import LOSS_REDUCTIONS
+
+        if reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"train.loss_reduction = {reduction!r}; expected one of {LOSS_REDUCTIONS}")
+        self.reduction = reduction
+
+    def count(self, batch: dict) -> float:
+        from vlpost.train.logprobs import loss_weights
+
+        return loss_weights(batch["labels"], batch.get("position_ids"), self.reduction)[1]
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        from vlpost.train.logprobs import label_positions, selected_nll_sum
+        from vlpost.train.logprobs import label_positions, loss_weights, selected_nll_sum
 
         # the LM head runs only where a label is trained (an SFT batch trains a fraction of its positions)
         mask, targets = label_positions(batch["labels"])
         out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch and k != "labels"}, logits_mask=mask)
-        return selected_nll_sum(out.logits, targets), {"tokens": int(targets.numel())}
+        weights, _ = loss_weights(batch["labels"], batch.get("position_ids"), self.reduction)
+        return selected_nll_sum(out.logits, targets, weights=weights), {"tokens": int(targets.numel())}
 
 
 # ---------------------------------------------------------------------------- accelerator
