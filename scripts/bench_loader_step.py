@@ -25,7 +25,7 @@ from vlpost.data.synthetic import SyntheticWorld
 from vlpost.model.tokenizer import train_bpe_tokenizer
 from vlpost.model.vlm import VisionLanguageModel
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.trainer import SFTObjective
+from vlpost.train.sft_objective import SFTObjective
 
 ROOT = Path(__file__).resolve().parents[1]
 

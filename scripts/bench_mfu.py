@@ -241,7 +241,8 @@ def measure(template, name: str, stage: str, args, accelerator, work: Path) -> d
     """Train a copy of `template` for warmup + steps optimizer steps at `stage`; rates over the timed steps."""
     from vlpost.config import AlignConfig, SFTConfig, TrainConfig
     from vlpost.train.freeze import apply_freeze
-    from vlpost.train.trainer import SFTObjective, Trainer
+    from vlpost.train.sft_objective import SFTObjective
+    from vlpost.train.trainer import Trainer
 
     model = copy.deepcopy(template)
     apply_freeze(model, (AlignConfig() if stage == "stage1" else SFTConfig()).freeze)

@@ -243,7 +243,7 @@ def vlpost_sft_like(setup: Setup, stage: str, items: list, budget: Budget, check
     from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
     from vlpost.model.vlm import VisionLanguageModel
     from vlpost.train.freeze import apply_freeze
-    from vlpost.train.trainer import SFTObjective
+    from vlpost.train.sft_objective import SFTObjective
 
     torch.manual_seed(budget.seed)
     model = VisionLanguageModel.from_pretrained(setup.run_dir)

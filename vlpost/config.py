@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import draccus
 
+from vlpost.constants import LOSS_REDUCTIONS
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -158,7 +160,7 @@ CHOICES = {
     "freeze.lm": ("frozen", "full", "lora"),
     "freeze.projector": ("train", "frozen"),
     "train.schedule": ("cosine", "linear", "constant"),
-    "train.loss_reduction": ("token", "sample", "square"),
+    "train.loss_reduction": LOSS_REDUCTIONS,
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
 }
 

@@ -7,6 +7,7 @@ SCHEMA_VERSION = 1  # shard sample schema (DESIGN §4)
 SAMPLE_KINDS = ("caption", "sft", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
 REWARD_TYPES = ("vqa", "refusal", "math", "code")
+LOSS_REDUCTIONS = ("token", "sample", "square")  # SFT NLL averaging (train.loss_reduction; logprobs.loss_weights)
 RUN_META_FILE = "vlpost.json"
 PROJECTOR_FILE = "projector.safetensors"
 LM_SUBDIR = "lm"

@@ -30,8 +30,9 @@ from vlpost.data.collate import pad_batch
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
 from vlpost.model.vlm import VisionLanguageModel
 from vlpost.train.freeze import apply_freeze
+from vlpost.train.sft_objective import SFTObjective
 from vlpost.train.stage import Run, finish_run
-from vlpost.train.trainer import SFTObjective, Trainer, make_accelerator
+from vlpost.train.trainer import Trainer, make_accelerator
 
 TEXT_ONLY = {1, 3}  # with 2 ranks and no shuffle, rank 1's first micro-batch is items 1 and 3
 ANSWERS = ["red", "a blue square", "two", "the left person holds a cup", "no", "green"]

@@ -19,7 +19,8 @@ from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
 from vlpost.model.vlm import VisionLanguageModel
 from vlpost.train import checkpointing
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.trainer import NonFiniteLossError, SFTObjective, Trainer
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 300  # generous: CI machines are slow and shared

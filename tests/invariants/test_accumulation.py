@@ -13,7 +13,8 @@ from vlpost.config import FreezeConfig, TrainConfig
 from vlpost.data.chat import ChatEncoder
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.trainer import SFTObjective, Trainer
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import Trainer
 
 ANSWERS = ["red", "a small green circle next to a large blue square", "two", "the person on the left wears a hat"]
 

@@ -10,7 +10,8 @@ from vlpost.data.chat import ChatEncoder
 from vlpost.data.collate import pad_batch
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
 from vlpost.train.freeze import apply_freeze, enable_gradient_checkpointing
-from vlpost.train.trainer import SFTObjective, Trainer
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import Trainer
 
 
 def items(n: int = 8) -> list:

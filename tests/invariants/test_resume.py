@@ -14,7 +14,8 @@ from vlpost.data.chat import ChatEncoder
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
 from vlpost.train import checkpointing
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.trainer import SFTObjective, Trainer, TrainingStopped
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import Trainer, TrainingStopped
 
 ANSWERS = ["red", "a small green circle", "blue", "two shapes: a square and a circle", "no", "the left one"]
 

@@ -10,7 +10,8 @@ from vlpost.config import FreezeConfig, TrainConfig
 from vlpost.data.chat import ChatEncoder
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.trainer import SFTObjective, Trainer
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import Trainer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 

@@ -17,7 +17,8 @@ from vlpost.model.export import convertible_reasons
 from vlpost.model.vlm import VisionLanguageModel
 from vlpost.train import checkpointing
 from vlpost.train.freeze import apply_freeze, is_peft
-from vlpost.train.trainer import SFTObjective, Trainer
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import Trainer
 
 TOL = 1e-5  # merging W + BA in float32 reorders sums: differences ~2e-7
 

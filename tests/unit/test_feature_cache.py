@@ -14,7 +14,8 @@ from vlpost.data.synthetic import SyntheticWorld
 from vlpost.train.dpo_config import DPOConfig
 from vlpost.train.feature_cache import CachedFeatureBatches, cache_tower_features
 from vlpost.train.freeze import apply_freeze
-from vlpost.train.trainer import SFTObjective, Trainer
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import Trainer
 
 TOL = 1e-6
 

@@ -195,7 +195,7 @@ def test_loss_weights_find_the_samples_of_a_packed_row():
 def test_loss_reduction_is_a_key_of_the_align_and_sft_configs():
     from vlpost.config import AlignConfig, SFTConfig, load_config
     from vlpost.train.dpo_config import DPOConfig
-    from vlpost.train.trainer import SFTObjective
+    from vlpost.train.sft_objective import SFTObjective
 
     for config in (AlignConfig, SFTConfig):
         assert load_config(config).train.loss_reduction == "token"  # the default keeps the token mean

@@ -12,7 +12,8 @@ from vlpost.data.chat import ChatEncoder
 from vlpost.data.pipeline import BatchStream, ExampleEncoder, ListSource
 from vlpost.train.freeze import apply_freeze
 from vlpost.train.metrics import read_metrics
-from vlpost.train.trainer import SFTObjective, Trainer, build_trackers
+from vlpost.train.sft_objective import SFTObjective
+from vlpost.train.trainer import Trainer, build_trackers
 
 
 class FakeRun:

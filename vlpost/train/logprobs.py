@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from vlpost.constants import IGNORE_INDEX
+from vlpost.constants import IGNORE_INDEX, LOSS_REDUCTIONS
 
 # Float32 elements per temporary (V-wide) chunk: 2**24 = 64 MiB, e.g. 110 rows of a 151k vocabulary.
 CHUNK_ELEMENTS = 2**24
@@ -119,9 +119,6 @@ def selected_nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_elements
     rows = max(1, chunk_elements // vocab)
     logps = _ShiftedTokenLogprob.apply(logits[None], targets[None], rows)[0]
     return -(logps if weights is None else logps * weights.to(logps.dtype)).sum()
-
-
-LOSS_REDUCTIONS = ("token", "sample", "square")
 
 
 def loss_weights(labels: torch.Tensor, position_ids: torch.Tensor | None = None,

@@ -26,42 +26,15 @@ from vlpost.train.metrics import MetricsLogger
 from vlpost.train.zero import mark_frozen_tower_leaf
 
 log = logging.getLogger(__name__)
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_features", "labels", "position_ids")
 TRACKERS = ("tensorboard", "wandb")
 
 
 class Objective(Protocol):
     """A stage's loss: `count` gives the normaliser units of a micro-batch (tokens, pairs, ...)."""
 
-    def count(self, batch: dict) -> int: ...
+    def count(self, batch: dict) -> float: ...
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]: ...
-
-
-class SFTObjective:
-    """Summed (weighted) NLL over assistant tokens; the trainer divides by the step's global normaliser: tokens
-    (`reduction="token"`), samples ("sample") or sum of sqrt(tokens) per sample ("square"); see `loss_weights`."""
-
-    def __init__(self, reduction: str = "token"):
-        from vlpost.train.logprobs import LOSS_REDUCTIONS
-
-        if reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"train.loss_reduction = {reduction!r}; expected one of {LOSS_REDUCTIONS}")
-        self.reduction = reduction
-
-    def count(self, batch: dict) -> float:
-        from vlpost.train.logprobs import loss_weights
-
-        return loss_weights(batch["labels"], batch.get("position_ids"), self.reduction)[1]
-
-    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        from vlpost.train.logprobs import label_positions, loss_weights, selected_nll_sum
-
-        # the LM head runs only where a label is trained (an SFT batch trains a fraction of its positions)
-        mask, targets = label_positions(batch["labels"])
-        out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch and k != "labels"}, logits_mask=mask)
-        weights, _ = loss_weights(batch["labels"], batch.get("position_ids"), self.reduction)
-        return selected_nll_sum(out.logits, targets, weights=weights), {"tokens": int(targets.numel())}
 
 
 # ---------------------------------------------------------------------------- accelerator
