@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate() -> dict:
         model.to(acc.device)
         with whole_model(model, acc):  # every rank enters (ZeRO-3 gathers); only the main process has prompts
-            return evaluate_prompts(engine, model, held_out, cfg.rollout, max_prompt_length=cfg.data.max_length)
+            return evaluate_prompts(engine, model, held_out, cfg.rollout, max_prompt_length=cfg.data.max_length,
+                                    samples=cfg.grpo.eval_samples)
 
     before = evaluate()
     source = sample_source(cfg.data, "prompt", rank=acc.process_index, world_size=acc.num_processes,

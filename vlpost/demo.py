@@ -126,7 +126,12 @@ class Demo:
             last = name
         if "grpo" in self.report:
             before = self.report["dpo" if "dpo" in self.report else "sft"]["vqa_accuracy"]
-            self.report["grpo"]["vqa_reward_gain"] = self.report["grpo"]["vqa_accuracy"] - before
+            grpo = self.report["grpo"]
+            grpo["vqa_reward_gain"] = grpo["vqa_accuracy"] - before
+            # what GRPO itself optimises: mean reward of completions sampled as in training, held-out prompts
+            sampled = [grpo.get(k, {}).get("sampled/reward/mean") for k in ("eval_before", "eval_after")]
+            if None not in sampled:
+                grpo["sampled_reward_gain"] = sampled[1] - sampled[0]
         self.report["final"] = {"run": last, **{k: self.report[last][k] for k in
                                                 ("vqa_accuracy", "refusal_rate", "over_refusal_rate")}}
         self.report["demo"] = {"seconds": round(time.perf_counter() - started, 1), "smoke": self.smoke,
@@ -162,6 +167,12 @@ class Demo:
                 loss = row.get("final_loss")
                 print(f"{stage:<10} {row.get('steps', ''):>5}  {loss if loss is None else round(loss, 4):>10}  "
                       f"{row['wall_seconds']:>7.1f}")
+        grpo = self.report.get("grpo", {})
+        if "sampled_reward_gain" in grpo:
+            before, after = grpo["eval_before"], grpo["eval_after"]
+            print(f"\ngrpo, held-out prompts before -> after: greedy reward {before['reward/mean']:.3f} -> "
+                  f"{after['reward/mean']:.3f}; sampled reward (what GRPO optimises) "
+                  f"{before['sampled/reward/mean']:.3f} -> {after['sampled/reward/mean']:.3f}")
         print("\ntarget                      value    wanted               met")
         for key, row in self.report["demo"]["targets"].items():
             value = "-" if row["value"] is None else f"{row['value']:.3f}"

@@ -29,6 +29,10 @@ def test_demo_smoke_runs_every_stage(tmp_path):
     align = VisionLanguageModel.from_pretrained(out / "align")
     assert demo_tokens_per_image(out / "bootstrap" / "clip") == align.projector.tokens_per_image
     # GRPO's before/after prompts are the demo's held-out eval shards, not the prompts it trains on
+    # ... answered greedily and sampled as in training (configs/grpo/demo.yaml: eval_samples 8); the gain is theirs
+    before, after = written["grpo"]["eval_before"], written["grpo"]["eval_after"]
+    assert before["sampled/k"] == 8.0
+    assert written["grpo"]["sampled_reward_gain"] == after["sampled/reward/mean"] - before["sampled/reward/mean"]
     assert written["grpo"]["eval_source"] == f"held-out shards {out / 'data' / 'eval_vqa'}, {out / 'data' / 'eval_safety'}"
     # a finished run loads without the bootstrap tower folder it was built from (its open_clip config travels)
     (out / "bootstrap" / "clip").rename(out / "bootstrap" / "clip-moved")

@@ -23,9 +23,9 @@ from vlpost.train.grpo import (
     loss_settings,
 )
 from vlpost.train.grpo_batches import GRPOBatches
-from vlpost.train.grpo_config import GRPOLossConfig, RolloutConfig
+from vlpost.train.grpo_config import GRPOConfig, GRPOLossConfig, RolloutConfig, check_grpo_config
 from vlpost.train.metrics import read_metrics
-from vlpost.train.rollout import HFRolloutEngine, ScoredRound, rollout_metrics
+from vlpost.train.rollout import HFRolloutEngine, Rollout, ScoredRound, evaluate_prompts, rollout_metrics
 from vlpost.train.trainer import Trainer
 
 FIRST_HALF = set("abcdefghijklm")
@@ -232,6 +232,65 @@ def test_rollout_metrics_by_hand():
     assert (out["completion/length_max"], out["completion/truncated_share"]) == (7.0, pytest.approx(1 / 6))
 
 
+class ScriptedEngine:
+    """A RolloutEngine answering from a script: greedy (temperature 0) calls get `greedy`, sampled calls `sampled`
+    (G consecutive rows per prompt); records each call's group size and temperature."""
+
+    def __init__(self, greedy: list[str], sampled: list[str]):
+        self.script = {True: greedy, False: sampled}
+        self.calls = []
+
+    def generate(self, prompts, images, group_size, sampling):
+        self.calls.append((group_size, sampling.temperature))
+        texts = self.script[sampling.temperature == 0]
+        assert len(texts) == len(prompts) * group_size
+        return Rollout(prompt_ids=prompts, completion_ids=[[1] * len(t.split()) for t in texts], texts=texts,
+                       truncated=[False] * len(texts), group_size=group_size, image_index=[None] * len(prompts),
+                       image_features=None, image_embeds=None)
+
+
+def test_eval_samples_report_the_expected_reward_and_best_of_k_by_hand(make_model):
+    """Greedy keys stay as they were; sampled/* are the mean over k draws per prompt as in training, and
+    sampled/accuracy/vqa_best averages each VQA prompt's best draw (official metric: 4 of 10 annotators = 1.0)."""
+    model = make_model()
+    refusal = "I can't help with identifying that."
+    vqa = {"kind": "prompt", "prompt": [{"role": "user", "content": "What colour is it?"}],
+           "reward": {"type": "vqa", "answers": ["red"] * 6 + ["blue"] * 4}}
+    sensitive = {"kind": "prompt", "prompt": [{"role": "user", "content": "What is their religion?"}],
+                 "reward": {"type": "refusal", "sensitive": True, "attribute": "christian"}}
+    items = [(vqa, None), (vqa, None), (sensitive, None)]
+    engine = ScriptedEngine(greedy=["red", "green", refusal],
+                            sampled=["blue", "green", "green",  # prompt 0: scores 1, 0, 0 -> best 1
+                                     "green", "green", "green",  # prompt 1: 0, 0, 0 -> best 0
+                                     refusal, "christian", refusal])  # prompt 2: refusal rewards 1, -1, 1
+    sampling = RolloutConfig(group_size=4, temperature=0.7)
+    state = torch.get_rng_state()
+    out = evaluate_prompts(HFRolloutEngine(model), model, items, sampling, samples=3)  # real sampling ...
+    assert torch.equal(torch.get_rng_state(), state)  # ... on forked RNG: training draws the same with or without
+    out = evaluate_prompts(engine, model, items, sampling, samples=3)
+    assert engine.calls == [(1, 0.0), (3, 0.7)]  # greedy once, then k draws at the training temperature
+    assert out["accuracy/vqa"] == 0.5 and out["refusal/rate"] == 1.0
+    assert out["sampled/accuracy/vqa"] == pytest.approx(1 / 6)
+    assert out["sampled/accuracy/vqa_best"] == pytest.approx(0.5)
+    assert out["sampled/refusal/rate"] == pytest.approx(2 / 3)
+    assert out["sampled/reward/refusal/mean"] == pytest.approx(1 / 3)
+    assert out["sampled/reward/mean"] == pytest.approx((1 + 1 - 1 + 1) / 9)
+    assert out["sampled/k"] == 3.0
+    assert not any(k.startswith("sampled/") for k in evaluate_prompts(engine, model, items, sampling))
+
+
+def test_eval_samples_config_checks():
+    cfg = GRPOConfig()
+    cfg.grpo.eval_samples = -1
+    with pytest.raises(ValueError, match="grpo.eval_samples = -1"):
+        check_grpo_config(cfg)
+    cfg.grpo.eval_samples, cfg.grpo.eval_prompts = 4, 0
+    with pytest.raises(ValueError, match="grpo.eval_prompts > 0"):
+        check_grpo_config(cfg)
+    cfg.grpo.eval_prompts = 8
+    check_grpo_config(cfg)
+
+
 def test_grpo_learns_a_toy_reward(make_model, tmp_path):
     """A real learning check: 12 GRPO steps raise the toy reward's mean clearly above the start (~0.5)."""
     model = make_model(seed=1)
@@ -255,7 +314,7 @@ def test_stage_runs_from_config(tmp_path, tokenizer_dirs):
 
     summary = main(["--config", CONFIG, "--out", str(tmp_path / "run"), "--model.lm.tokenizer", tokenizer_dirs["chatml"],
                     "--data.synthetic_samples", "24", "--train.steps", "2", "--train.log_every", "1",
-                    "--grpo.eval_prompts", "4"])
+                    "--grpo.eval_prompts", "4", "--grpo.eval_samples", "2"])
     assert summary["steps"] == 2 and summary["prompts_drawn"] == 4  # μ=2: one rollout of 16 rows / G=4
     rows = read_metrics(tmp_path / "run")
     for key in ("reward/mean", "reward/std", "accuracy/vqa", "kl", "entropy", "clip_fraction",
@@ -264,6 +323,7 @@ def test_stage_runs_from_config(tmp_path, tokenizer_dirs):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the copy reference == the initial policy
     assert 0 < summary["generation_share"] < 1
     assert "accuracy/vqa" in summary["eval_before"] and "refusal/rate" in summary["eval_after"]
+    assert summary["eval_before"]["sampled/k"] == 2.0 and "sampled/reward/mean" in summary["eval_after"]
     assert json.loads((tmp_path / "run" / "vlpost.json").read_text())["lineage"][-1]["stage"] == "grpo"
 
 

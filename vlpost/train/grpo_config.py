@@ -43,6 +43,9 @@ class GRPOLossConfig:
     max_refill: int = 3  # extra generation rounds per rollout batch to replace dropped groups
     overlong_cache: int | None = None  # DAPO soft overlong window in tokens; None = dapo: max_new_tokens // 4
     eval_prompts: int = 32  # held-out prompts answered greedily before and after training (main process); 0 = off
+    # also draw this many completions per eval prompt as in training (rollout's temperature / top_p): "sampled/*"
+    # keys in eval_before / eval_after — the expected reward GRPO optimises, and best-of-k VQA accuracy; 0 = off
+    eval_samples: int = 0
     # prompt shard folders those prompts come from (split evenly, first ones of each). Empty with data.shards: the
     # first eval_prompts training prompts, which training also draws (summary eval_source says "training shards")
     eval_shards: list[str] = field(default_factory=list)
@@ -80,6 +83,9 @@ def check_grpo_config(cfg: GRPOConfig) -> None:
     if g.num_iterations < 1 or g.max_refill < 0 or g.beta < 0 or r.max_new_tokens < 1:
         raise ValueError("grpo.num_iterations >= 1, grpo.max_refill >= 0, grpo.beta >= 0 and "
                          "rollout.max_new_tokens >= 1 are required")
+    if g.eval_samples < 0 or (g.eval_samples and g.eval_prompts <= 0):
+        raise ValueError(f"grpo.eval_samples = {g.eval_samples}: expected 0 (off) or a count of completions per eval "
+                         f"prompt, with grpo.eval_prompts > 0 (it is {g.eval_prompts})")
     if g.beta > 0 and g.reference == "none":
         raise ValueError(f"grpo.beta = {g.beta} needs a reference: set grpo.reference to auto|adapter|copy or beta 0")
     if g.reference == "adapter" and cfg.freeze.lm != "lora":

@@ -342,8 +342,16 @@ def rollout_metrics(rounds: list[ScoredRound]) -> dict[str, float]:
 
 
 def evaluate_prompts(engine: RolloutEngine, model, items: list, sampling: RolloutConfig,
-                     reward_fn: Callable | None = None, max_prompt_length: int = 2048) -> dict[str, float]:
-    """Greedy completions for prompt samples → rollout_metrics (reward, VQA accuracy, refusal rates)."""
+                     reward_fn: Callable | None = None, max_prompt_length: int = 2048,
+                     samples: int = 0) -> dict[str, float]:
+    """Greedy completions for prompt samples → rollout_metrics (reward, VQA accuracy, refusal rates).
+
+    With `samples` >= 1, each prompt also gets that many completions drawn as in training (`sampling`'s
+    temperature / top-p / top-k), reported under "sampled/": the expected reward the policy-gradient loss
+    optimises (greedy numbers move only when an argmax flips), and "sampled/accuracy/vqa_best" — per VQA
+    prompt the best of its k scores, averaged (best-of-k accuracy; on short answer lists guessing alone
+    gets there: 1 - (1 - 1/choices)^k, e.g. 0.83 for 5 choices and k = 8).
+    """
     encoder = ChatEncoder(model.tokenizer, model.tokens_per_image, max_length=max_prompt_length)
     usable = []
     for sample, image in items:
@@ -353,11 +361,35 @@ def evaluate_prompts(engine: RolloutEngine, model, items: list, sampling: Rollou
             log.warning("eval: skipped %s", err)
     if not usable:
         return {}
+    prompts, images, chosen = [u[2] for u in usable], [u[1] for u in usable], [u[0] for u in usable]
+    score = reward_fn or default_rewards
     greedy = dataclasses.replace(sampling, temperature=0.0)
-    rollout = engine.generate([u[2] for u in usable], [u[1] for u in usable], 1, greedy)
-    samples = [u[0] for u in usable]
-    rewards = as_rewards((reward_fn or default_rewards)(rollout.texts, samples), len(samples))
-    return rollout_metrics([ScoredRound(rollout.texts, samples, rewards, rollout.lengths, rollout.truncated)])
+    rollout = engine.generate(prompts, images, 1, greedy)
+    rewards = as_rewards(score(rollout.texts, chosen), len(chosen))
+    out = rollout_metrics([ScoredRound(rollout.texts, chosen, rewards, rollout.lengths, rollout.truncated)])
+    if samples >= 1:
+        device = getattr(model, "device", torch.device("cpu"))
+        # draws from forked RNG streams: evaluating with or without samples leaves training's random state alone
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            out |= sampled_metrics(engine.generate(prompts, images, samples, sampling), chosen, score)
+    return out
+
+
+def sampled_metrics(rollout: Rollout, samples: list[dict], score: Callable) -> dict[str, float]:
+    """rollout_metrics of G sampled completions per prompt under "sampled/", plus best-of-G VQA accuracy."""
+    from vlpost.eval.vqa import vqa_accuracy
+
+    k = rollout.group_size
+    repeated = [s for s in samples for _ in range(k)]  # completion row i belongs to prompt i // k
+    rewards = as_rewards(score(rollout.texts, repeated), len(repeated))
+    out = {f"sampled/{key}": value for key, value in rollout_metrics(
+        [ScoredRound(rollout.texts, repeated, rewards, rollout.lengths, rollout.truncated)]).items()}
+    best = [max(vqa_accuracy(text, sample["reward"]["answers"]) for text in rollout.texts[i * k:(i + 1) * k])
+            for i, sample in enumerate(samples) if sample["reward"]["type"] == "vqa"]
+    if best:
+        out["sampled/accuracy/vqa_best"] = sum(best) / len(best)
+    out["sampled/k"] = float(k)
+    return out
 
 
 def eval_items(data, n: int, shards: list[str] | tuple[str, ...] = ()) -> tuple[list, str]:
