@@ -95,6 +95,7 @@ class Budget:
     group_size: int = 4  # GRPO completions per prompt
     grpo_grad_accum: int = 2  # GRPO: batch_size * grpo_grad_accum completions per step
     max_new_tokens: int = 24
+    grpo_shared_prompt: bool = True  # vlpost GRPO loss pass: each group's prompt once (grpo.shared_prompt)
     buffer_size: int = 128  # vlpost packing buffer (samples planned at once)
     seed: int = 0
 
@@ -380,7 +381,8 @@ def vlpost_grpo(setup: Setup, items: list, budget: Budget, check: list, tag: str
     engine = build_engine("hf", model)
     batches = GRPOBatches(model, ListSource(items, seed=budget.seed, shuffle=True, loop=True), engine, settings,
                           rollout, batch_size=budget.batch_size, grad_accum=budget.grpo_grad_accum, num_iterations=1,
-                          reference=None, max_prompt_length=budget.max_length)
+                          reference=None, max_prompt_length=budget.max_length,
+                          shared_prompt=budget.grpo_shared_prompt)
     rate = vlpost_fit(model, batches, objective, lambda b: int(b["keep"].sum()), budget,
                       setup.work / f"vlpost-grpo-{tag}", "grpo", budget.grpo_grad_accum)
     rate["generation_share"] = batches.generation_share()
@@ -750,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="fewer steps: the whole run in about 5 minutes")
     parser.add_argument("--json", default=None, help="write the numbers to this file")
+    parser.add_argument("--grpo-row-layout", action="store_true",
+                        help="vlpost GRPO loss pass with a prompt copy per completion (grpo.shared_prompt: false)")
     parser.add_argument("--work-dir", default=None, help="keep models and run dirs here (default: a temp dir)")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -765,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(steps=15 if args.quick else 40, warmup=3)
     budget = replace(budget, **{k: v for k, v in (("steps", args.steps), ("warmup", args.warmup),
                                                     ("batch_size", args.batch_size),
-                                                    ("max_length", args.max_length)) if v is not None})
+                                                    ("max_length", args.max_length)) if v is not None},
+                     grpo_shared_prompt=not args.grpo_row_layout)
     if budget.warmup < 1 or budget.steps < 1 or args.repeats < 1:
         parser.error("--warmup, --steps and --repeats must be >= 1")
     from transformers.utils import logging as hf_logging

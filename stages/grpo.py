@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
                           grad_accum=cfg.train.grad_accum, num_iterations=cfg.grpo.num_iterations,
                           max_refill=cfg.grpo.max_refill, reference=reference,
                           max_prompt_length=cfg.data.max_length, autocast=acc.autocast,
-                          gather=lambda: whole_model(model, acc))
+                          gather=lambda: whole_model(model, acc), shared_prompt=cfg.grpo.shared_prompt)
     trainer = Trainer(model, batches, GRPOObjective(settings), cfg.train, run.out, acc, stage="grpo")
     trainer.fit()
     after = evaluate()

@@ -18,6 +18,7 @@ from vlpost.train.grpo import (
     GRPOObjective,
     Row,
     build_reference,
+    collate_groups,
     collate_rows,
     completion_logprobs,
     loss_settings,
@@ -66,7 +67,8 @@ def make_batches(model, items, loss="grpo", *, group_size=4, batch_size=4, grad_
     settings = loss_settings(cfg, rollout)
     batches = GRPOBatches(model, ListSource(items, loop=True, shuffle=shuffle), engine or HFRolloutEngine(model),
                           settings, rollout, batch_size=batch_size, grad_accum=grad_accum, num_iterations=mu,
-                          max_refill=cfg.max_refill, reward_fn=reward_fn, reference=build_reference(model, cfg))
+                          max_refill=cfg.max_refill, reward_fn=reward_fn, reference=build_reference(model, cfg),
+                          shared_prompt=cfg.shared_prompt)
     return batches, GRPOObjective(settings)
 
 
@@ -289,6 +291,66 @@ def test_eval_samples_config_checks():
         check_grpo_config(cfg)
     cfg.grpo.eval_prompts = 8
     check_grpo_config(cfg)
+
+
+@pytest.mark.parametrize("projector", ["frozen", "train"])
+def test_shared_prompt_rows_give_the_row_layout_logps_and_grads(make_model, projector):
+    """collate_groups (each prompt once, completions behind a block mask) == collate_rows (a prompt per completion):
+    the same completion log-probs, entropy logits and parameter gradients, with image and text-only groups in one
+    micro-batch and a dropped (keep=False) group."""
+    model = make_model(seed=2)
+    apply_freeze(model, FreezeConfig(lm="full", projector=projector))
+    items = prompt_items(2) + prompt_items(1, category="text", with_image=False)
+    batches, _ = make_batches(model, items, group_size=3, batch_size=3, max_new_tokens=7, shuffle=False)
+    groups, _, _ = batches._generate_round(3)
+    for row in groups[1]:
+        row.keep = False
+    key = "image_features" if batches.project_in_loss else "image_embeds"
+    flat = collate_rows([r for g in groups for r in g], model.tokenizer.pad_token_id, key)
+    shared = collate_groups(groups, model.tokenizer.pad_token_id, key)
+    assert shared["input_ids"].shape[0] == 3 and shared["input_ids"].shape[1] < flat["input_ids"].numel() / 3
+    assert torch.equal(shared["completion_mask"], flat["completion_mask"])
+    grads = []
+    for batch in (flat, shared):
+        model.zero_grad()
+        logps, logits = completion_logprobs(model, batch, temperature=0.7)
+        (logps * batch["advantages"][:, None] + 1e-3 * logits.logsumexp(-1) * batch["completion_mask"]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        mask = batch["completion_mask"]
+        if batch is flat:
+            want_logps, want_logits = logps.detach(), logits.detach()[mask]
+    assert mask.sum() > 0 and not mask[3:6].any()
+    assert torch.allclose(logps.detach(), want_logps, atol=1e-5)
+    assert torch.allclose(logits.detach()[mask], want_logits, atol=1e-4)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_shared_prompt_training_equals_row_layout(make_model, tmp_path):
+    """grpo.shared_prompt on vs off, same seeds: the same losses, grad norms and KL step by step (μ = 2 reuses
+    one rollout with stored old log-probs; beta > 0 adds the copy reference's pass, both through collate_groups)."""
+    histories = []
+    for shared in (False, True):
+        model = make_model(seed=1)
+        apply_freeze(model, FreezeConfig(lm="full", projector="frozen"))
+        torch.manual_seed(0)
+        batches, objective = make_batches(model, prompt_items(6), group_size=4, batch_size=8, grad_accum=2, mu=2,
+                                          beta=0.05, max_new_tokens=6, shared_prompt=shared)
+        histories.append(train(model, batches, objective, tmp_path / str(shared), steps=4, lr=1e-2))
+    for plain, packed in zip(*histories):
+        for key in ("loss", "grad_norm", "kl", "reward/mean", "entropy"):
+            assert float(packed[key]) == pytest.approx(float(plain[key]), rel=1e-4, abs=1e-6), key
+    assert histories[1][-1]["kl"] > 0
+
+
+def test_shared_prompt_needs_whole_groups_per_micro_batch(make_model):
+    with pytest.raises(ValueError, match="batch_size 6 is not a multiple of group_size 4"):
+        make_batches(make_model(), prompt_items(2), group_size=4, batch_size=6, grad_accum=2, shared_prompt=True)
+    cfg = GRPOConfig()
+    cfg.grpo.shared_prompt, cfg.train.batch_size, cfg.train.grad_accum, cfg.rollout.group_size = True, 6, 2, 4
+    with pytest.raises(ValueError, match="train.batch_size = 6 must be a multiple of rollout.group_size = 4"):
+        check_grpo_config(cfg)
 
 
 def test_grpo_learns_a_toy_reward(make_model, tmp_path):

@@ -111,6 +111,65 @@ def collate_rows(rows: list[Row], pad_id: int, image_key: str) -> dict:
     return batch
 
 
+def collate_groups(groups: list[list[Row]], pad_id: int, image_key: str) -> dict:
+    """One row per group, [prompt | completion 1 | ... | completion G]: each completion attends to the prompt and
+    to itself (4D block mask; positions continue from the prompt, as in generate), so the prompt — its image tokens
+    included — goes through the LM once per group instead of G times, with the same log-probs as `collate_rows`.
+
+    Per completion (B = groups x G rows, as collate_rows gives them): `completion_mask`, `advantages`, `keep`, and
+    `labels` (B, C + 1) with `select_rows` / `select_positions` (B, C + 1): the packed position whose logits
+    predict each label (the last prompt token for every completion's first token).
+    """
+    rows = [row for group in groups for row in group]
+    width = max(1, max(len(r.completion_ids) for r in rows))
+    seq_len = max(len(g[0].prompt_ids) + sum(len(r.completion_ids) for r in g) for g in groups)
+    input_ids = torch.full((len(groups), seq_len), pad_id, dtype=torch.long)
+    position_ids = torch.zeros_like(input_ids)
+    segment = torch.full_like(input_ids, -2)  # -1 prompt, j >= 0 completion j, -2 padding
+    select_rows = torch.zeros((len(rows), width + 1), dtype=torch.long)
+    select_positions = torch.zeros_like(select_rows)
+    labels = torch.full_like(select_rows, IGNORE_INDEX)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    i = 0
+    for g, group in enumerate(groups):
+        prompt = group[0].prompt_ids
+        if any(r.prompt_ids != prompt or (r.image is None) != (group[0].image is None) for r in group):
+            raise ValueError("collate_groups needs groups of completions of one prompt (and one image)")
+        start = n_prompt = len(prompt)
+        input_ids[g, :n_prompt] = torch.tensor(prompt)
+        position_ids[g, :n_prompt] = torch.arange(n_prompt)
+        segment[g, :n_prompt] = -1
+        for j, row in enumerate(group):
+            n = len(row.completion_ids)
+            input_ids[g, start:start + n] = torch.tensor(row.completion_ids, dtype=torch.long)
+            position_ids[g, start:start + n] = torch.arange(n_prompt, n_prompt + n)
+            segment[g, start:start + n] = j
+            select_rows[i] = g
+            if n:
+                select_positions[i, 0] = n_prompt - 1  # the last prompt token predicts the first completion token
+                select_positions[i, 1:n] = torch.arange(start, start + n - 1)
+                if row.keep:
+                    labels[i, 1:n + 1] = torch.tensor(row.completion_ids, dtype=torch.long)
+            completion_mask[i, :n] = row.keep
+            start += n
+            i += 1
+    query, key = segment[:, :, None], segment[:, None, :]
+    allowed = ((key == -1) & (query >= -1)) | ((query == key) & (query >= 0))  # the prompt, and one's own completion
+    allowed &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    allowed |= torch.eye(seq_len, dtype=torch.bool)  # padding attends to itself (no all-masked rows)
+    attention_mask = torch.zeros((len(groups), 1, seq_len, seq_len)).masked_fill_(
+        ~allowed[:, None], torch.finfo(torch.float32).min)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+             "completion_mask": completion_mask, "labels": labels, "select_rows": select_rows,
+             "select_positions": select_positions,
+             "advantages": torch.tensor([r.advantage for r in rows], dtype=torch.float32),
+             "keep": torch.tensor([r.keep for r in rows])}
+    images = [g[0].image for g in groups if g[0].image is not None]
+    if images:
+        batch[image_key] = torch.stack(images)  # one per group, in row order
+    return batch
+
+
 def _image_embeds(model, batch: dict, projector=None) -> torch.Tensor:
     """Projected image embeddings: re-run the projector on stored tower features, or the stored embeds.
 
@@ -137,12 +196,16 @@ def completion_logprobs(model, batch: dict, temperature: float, projector=None) 
     """Log-probs of the completion tokens under `model` → (logps (B, C), logits (B, C, V)), temperature-scaled."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], image_embeds=_image_embeds(model, batch, projector))
-    start = batch["prompt_width"] - 1  # logits at the last prompt token predict the first completion token
-    logits = out.logits[:, start:]  # (B, C + 1, V)
+    if "select_rows" in batch:  # collate_groups: gather each completion's predicting positions
+        logits = out.logits[batch["select_rows"], batch["select_positions"]]  # (B, C + 1, V)
+        labels = batch["labels"]
+    else:
+        start = batch["prompt_width"] - 1  # logits at the last prompt token predict the first completion token
+        logits = out.logits[:, start:]  # (B, C + 1, V)
+        labels = batch["input_ids"][:, start:].masked_fill(
+            torch.nn.functional.pad(~batch["completion_mask"], (1, 0), value=True), IGNORE_INDEX)
     if temperature > 0 and temperature != 1:
         logits = logits / temperature
-    labels = batch["input_ids"][:, start:].masked_fill(
-        torch.nn.functional.pad(~batch["completion_mask"], (1, 0), value=True), IGNORE_INDEX)
     logps, _ = logprobs.token_logprobs(logits, labels)
     return logps, logits[:, :-1]
 

@@ -22,6 +22,7 @@ from vlpost.train.grpo import (
     LossSettings,
     Reference,
     Row,
+    collate_groups,
     collate_rows,
     completion_logprobs,
     compute_advantages,
@@ -46,10 +47,15 @@ class GRPOBatches:
     def __init__(self, model, source, engine: RolloutEngine, settings: LossSettings, rollout: RolloutConfig, *,
                  batch_size: int, grad_accum: int, num_iterations: int = 1, max_refill: int = 3,
                  reward_fn: Callable | None = None, reference: Reference | None = None,
-                 max_prompt_length: int = 2048, autocast: Callable | None = None, gather: Callable | None = None):
+                 max_prompt_length: int = 2048, autocast: Callable | None = None, gather: Callable | None = None,
+                 shared_prompt: bool = False):
         rows = batch_size * grad_accum
         if rows % rollout.group_size:
             raise ValueError(f"{rows} completions per step is not a multiple of group_size {rollout.group_size}")
+        if shared_prompt and batch_size % rollout.group_size:
+            raise ValueError(f"shared_prompt packs whole groups: batch_size {batch_size} is not a multiple of "
+                             f"group_size {rollout.group_size}")
+        self.shared_prompt = shared_prompt
         self.model, self.source, self.engine = model, source, engine
         self.settings, self.sampling = settings, rollout
         self.batch_size, self.grad_accum, self.num_iterations = batch_size, grad_accum, num_iterations
@@ -156,13 +162,19 @@ class GRPOBatches:
             if collected is None:
                 return None
             groups, rounds, generated, dropped = collected
-            rows = sorted((row for group in groups for row in group),
-                          key=lambda r: len(r.prompt_ids) + len(r.completion_ids), reverse=True)
             key = "image_features" if self.project_in_loss else "image_embeds"
             pad_id = self.model.tokenizer.pad_token_id
             device = self.model.device
-            micro = [collate_rows(rows[i:i + self.batch_size], pad_id, key)
-                     for i in range(0, len(rows), self.batch_size)]
+            if self.shared_prompt:  # whole groups, one packed row each, longest first
+                groups = sorted(groups, key=lambda g: len(g[0].prompt_ids) + sum(len(r.completion_ids) for r in g),
+                                reverse=True)
+                per = self.batch_size // self.sampling.group_size
+                micro = [collate_groups(groups[i:i + per], pad_id, key) for i in range(0, len(groups), per)]
+            else:
+                rows = sorted((row for group in groups for row in group),
+                              key=lambda r: len(r.prompt_ids) + len(r.completion_ids), reverse=True)
+                micro = [collate_rows(rows[i:i + self.batch_size], pad_id, key)
+                         for i in range(0, len(rows), self.batch_size)]
             step_tokens = sum(int(b["completion_mask"].sum()) for b in micro)
             for index, batch in enumerate(micro):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

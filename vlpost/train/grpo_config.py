@@ -41,6 +41,10 @@ class GRPOLossConfig:
     aggregation: str | None = None  # None = the loss's own: sequence_mean | token_mean | constant_norm
     dynamic_sampling: bool | None = None  # drop groups whose rewards are all equal, refill; None = on for dapo
     max_refill: int = 3  # extra generation rounds per rollout batch to replace dropped groups
+    # loss pass: one packed row per group — the prompt (image tokens included) once, each completion behind a block
+    # mask — instead of G prompt copies; same log-probs. Needs train.batch_size % rollout.group_size == 0. Off by
+    # default: the dense (rows, L, L) mask has no flash-attention kernel, which matters for long rows on GPUs.
+    shared_prompt: bool = False
     overlong_cache: int | None = None  # DAPO soft overlong window in tokens; None = dapo: max_new_tokens // 4
     eval_prompts: int = 32  # held-out prompts answered greedily before and after training (main process); 0 = off
     # also draw this many completions per eval prompt as in training (rollout's temperature / top_p): "sampled/*"
@@ -83,6 +87,9 @@ def check_grpo_config(cfg: GRPOConfig) -> None:
     if g.num_iterations < 1 or g.max_refill < 0 or g.beta < 0 or r.max_new_tokens < 1:
         raise ValueError("grpo.num_iterations >= 1, grpo.max_refill >= 0, grpo.beta >= 0 and "
                          "rollout.max_new_tokens >= 1 are required")
+    if g.shared_prompt and t.batch_size % r.group_size:
+        raise ValueError(f"grpo.shared_prompt packs whole groups into micro-batches: train.batch_size = {t.batch_size} "
+                         f"must be a multiple of rollout.group_size = {r.group_size}")
     if g.eval_samples < 0 or (g.eval_samples and g.eval_prompts <= 0):
         raise ValueError(f"grpo.eval_samples = {g.eval_samples}: expected 0 (off) or a count of completions per eval "
                          f"prompt, with grpo.eval_prompts > 0 (it is {g.eval_prompts})")
