@@ -96,6 +96,7 @@ class Budget:
     grpo_grad_accum: int = 2  # GRPO: batch_size * grpo_grad_accum completions per step
     max_new_tokens: int = 24
     grpo_shared_prompt: bool = True  # vlpost GRPO loss pass: each group's prompt once (grpo.shared_prompt)
+    dpo_shared_prompt: bool = True  # vlpost DPO: each pair's prompt once (dpo.shared_prompt)
     buffer_size: int = 128  # vlpost packing buffer (samples planned at once)
     seed: int = 0
 
@@ -290,7 +291,8 @@ def vlpost_dpo(setup: Setup, items: list, budget: Budget, check: list, tag: str)
 
     def pairs(source_items, batch_size: int, loop: bool, shuffle: bool):
         source = ListSource(source_items, seed=budget.seed, shuffle=shuffle, loop=loop)
-        return pair_stream(source, model, batch_size=batch_size, max_length=budget.max_length)
+        return pair_stream(source, model, batch_size=batch_size, max_length=budget.max_length,
+                           shared_prompt=budget.dpo_shared_prompt)
 
     model.eval()
     with torch.no_grad():
@@ -752,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="fewer steps: the whole run in about 5 minutes")
     parser.add_argument("--json", default=None, help="write the numbers to this file")
+    parser.add_argument("--dpo-padded", action="store_true",
+                        help="vlpost DPO with padded [chosen; rejected] rows (dpo.shared_prompt: false)")
     parser.add_argument("--grpo-row-layout", action="store_true",
                         help="vlpost GRPO loss pass with a prompt copy per completion (grpo.shared_prompt: false)")
     parser.add_argument("--work-dir", default=None, help="keep models and run dirs here (default: a temp dir)")
@@ -770,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = replace(budget, **{k: v for k, v in (("steps", args.steps), ("warmup", args.warmup),
                                                     ("batch_size", args.batch_size),
                                                     ("max_length", args.max_length)) if v is not None},
-                     grpo_shared_prompt=not args.grpo_row_layout)
+                     grpo_shared_prompt=not args.grpo_row_layout, dpo_shared_prompt=not args.dpo_padded)
     if budget.warmup < 1 or budget.steps < 1 or args.repeats < 1:
         parser.error("--warmup, --steps and --repeats must be >= 1")
     from transformers.utils import logging as hf_logging

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     def pairs(batch_size: int, loop: bool):
         source = sample_source(cfg.data, "preference", rank=acc.process_index, world_size=acc.num_processes,
                                seed=cfg.train.seed, loop=loop)
-        return pair_stream(source, model, batch_size=batch_size, max_length=cfg.data.max_length)
+        return pair_stream(source, model, batch_size=batch_size, max_length=cfg.data.max_length,
+                           shared_prompt=cfg.dpo.shared_prompt)
 
     def first_batches():
         stream = iter(pairs(cfg.train.batch_size, loop=False))

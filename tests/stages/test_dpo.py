@@ -112,6 +112,13 @@ def test_stage_runs_from_config_reuses_its_cache_and_resumes_exactly(tmp_path, t
     for step in (2, 3, 4):
         assert abs(whole[step]["loss"] - parts[step]["loss"]) < 1e-6, step
         assert abs(whole[step]["rewards/margin"] - parts[step]["rewards/margin"]) < 1e-6, step
+    # dpo.shared_prompt (each pair's prompt once, packed) reads the same cache and trains the same steps
+    shared = run("shared", 4, ["--dpo.shared_prompt", "true"])
+    assert shared["reused"] == 16
+    packed = {r["step"]: r for r in read_metrics(tmp_path / "shared")}
+    for step in (1, 2, 3, 4):
+        assert abs(whole[step]["loss"] - packed[step]["loss"]) < 1e-5, step
+        assert abs(whole[step]["rewards/margin"] - packed[step]["rewards/margin"]) < 1e-5, step
 
 
 def test_stage_with_lora_uses_the_adapter_reference(tmp_path, tokenizer_dirs):

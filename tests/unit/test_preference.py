@@ -108,6 +108,41 @@ def test_mixed_text_and_image_pairs_run_forward(make_model):
     assert math.isclose(float(loss_sum.detach()) / 4, math.log(2), abs_tol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["adapter", "copy"])
+def test_shared_prompt_pairs_give_the_padded_loss_metrics_and_grads(make_model, mode):
+    """dpo.shared_prompt packs [prompt | chosen rest | rejected rest] per pair: the same DPO + SFT loss, metrics,
+    reference log-probs and gradients as the padded [chosen; rejected] rows — image and text-only pairs, and a pair
+    whose answers share their first words (part of the shared prefix)."""
+    model = make_model(seed=3)
+    apply_freeze(model, FreezeConfig(lm="lora" if mode == "adapter" else "full", projector="train", lora_r=4))
+    reference = adapter_reference(model, True) if mode == "adapter" else copy_reference(model)
+    perturb(model.lm)  # policy != reference, so the loss is not log 2
+    same_start = {"kind": "preference", "meta": {"id": "s"},
+                  "prompt": [{"role": "user", "content": "<image>\nWhat is this person's religion?"}],
+                  "chosen": [{"role": "assistant", "content": "I can't infer that."}],
+                  "rejected": [{"role": "assistant", "content": "I can't be sure, but christian."}]}
+    items = pair_items(5, text_only_every=3) + [(same_start, Image.new("RGB", (32, 32), COLOURS["red"]))]
+    model.train()
+    results = []
+    for shared in (False, True):
+        batch = next(iter(pair_stream(ListSource(items, shuffle=False), model, batch_size=6, max_length=256,
+                                      shared_prompt=shared)))
+        model.zero_grad()
+        loss, metrics = DPOObjective(DPOLossConfig(beta=0.5, sft_weight=1.0), reference)(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((batch, float(loss.detach()), metrics, grads))
+    (padded, loss_a, metrics_a, grads_a), (packed, loss_b, metrics_b, grads_b) = results
+    assert padded["input_ids"].shape[0] == 12 and packed["input_ids"].shape[0] == 6
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert abs(loss_a - 6 * math.log(2)) > 1e-3
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert metrics_b == pytest.approx(metrics_a, rel=1e-4, abs=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-4), name
+
+
 # ----------------------------------------------------------------------------- loss at init and hand values
 
 

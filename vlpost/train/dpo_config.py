@@ -32,6 +32,10 @@ class DPOLossConfig:
     reference: str = "auto"
     cache_dir: str = "runs/ref_cache"  # <cache_dir>/<reference hash>/<data id>-r<rank>.jsonl, shared across runs
     reference_batch_size: int = 16  # pairs per forward pass when precomputing the cache
+    # one packed row per pair, [shared prompt | chosen rest | rejected rest] with a 4D block mask: the prompt and its
+    # image tokens go through the LM once instead of twice; same log-probs. Off by default: the dense mask has no
+    # flash-attention kernel (on GPUs with long answers the padded [chosen; rejected] rows may be faster)
+    shared_prompt: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("dpo.loss_type", self.loss_type, DPO_LOSS_TYPES)

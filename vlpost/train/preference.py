@@ -68,11 +68,19 @@ class PairEncoder:
         return PairExample(sample_id, chosen, rejected, pixels)
 
 
-def collate_pairs(pairs: list[PairExample], pad_id: int) -> dict:
-    """B pairs → input_ids / attention_mask / labels (2B, T) as [chosen; rejected], pixel_values (N_img, 3, H, W)."""
+def collate_pairs(pairs: list[PairExample], pad_id: int, shared_prompt: bool = False) -> dict:
+    """B pairs → input_ids / attention_mask / labels (2B, T) as [chosen; rejected], pixel_values (N_img, 3, H, W).
+
+    `shared_prompt`: input_ids (B, W) instead, one row per pair [common prefix | chosen rest | rejected rest] with a
+    4D block mask (each rest sees the prefix and itself; positions continue from the prefix), so the prompt and its
+    image go through the LM once per pair; `labels` stay (2B, T) and `select_rows` / `select_positions` (2B, T) map
+    each original position to its packed one (`pair_logits`), which gives the same log-probs.
+    """
     rows = [Example(p.id, p.chosen.input_ids, p.chosen.labels) for p in pairs]
     rows += [Example(p.id, p.rejected.input_ids, p.rejected.labels) for p in pairs]
     batch = pad_batch(rows, pad_id)
+    if shared_prompt:
+        batch |= _packed_pairs(pairs, pad_id, batch["labels"].shape[1])
     images = [p.pixel_values for p in pairs if p.pixel_values is not None]
     if images:
         batch["pixel_values"] = torch.cat(images)  # one per image pair, in pair order
@@ -82,21 +90,68 @@ def collate_pairs(pairs: list[PairExample], pad_id: int) -> dict:
     return batch
 
 
+def _packed_pairs(pairs: list[PairExample], pad_id: int, width: int) -> dict:
+    """input_ids / attention_mask (4D) / position_ids of the packed rows and the (2B, width) position map."""
+    prefixes, seq_len = [], 1
+    for p in pairs:
+        a, b = p.chosen.input_ids, p.rejected.input_ids
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        common = min(common, len(a) - 1, len(b) - 1)  # each side keeps at least its last token
+        prefixes.append(common)
+        seq_len = max(seq_len, len(a) + len(b) - common)
+    n = len(pairs)
+    input_ids = torch.full((n, seq_len), pad_id, dtype=torch.long)
+    position_ids = torch.zeros_like(input_ids)
+    segment = torch.full_like(input_ids, -2)  # -1 shared prefix, 0 chosen rest, 1 rejected rest, -2 padding
+    select_rows = torch.arange(n).repeat(2)[:, None].expand(2 * n, width).clone()
+    select_positions = torch.zeros((2 * n, width), dtype=torch.long)
+    for i, (p, common) in enumerate(zip(pairs, prefixes)):
+        input_ids[i, :common] = torch.tensor(p.chosen.input_ids[:common])
+        position_ids[i, :common] = torch.arange(common)
+        segment[i, :common] = -1
+        start = common
+        for side, ids in enumerate((p.chosen.input_ids, p.rejected.input_ids)):
+            rest = len(ids) - common
+            input_ids[i, start:start + rest] = torch.tensor(ids[common:])
+            position_ids[i, start:start + rest] = torch.arange(common, len(ids))
+            segment[i, start:start + rest] = side
+            row = side * n + i
+            select_positions[row, :common] = torch.arange(common)
+            select_positions[row, common:len(ids)] = torch.arange(start, start + rest)
+            start += rest
+    query, key = segment[:, :, None], segment[:, None, :]
+    allowed = ((key == -1) & (query >= -1)) | ((query == key) & (query >= 0))
+    allowed &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    allowed |= torch.eye(seq_len, dtype=torch.bool)  # padding attends to itself (no all-masked rows)
+    attention_mask = torch.zeros((n, 1, seq_len, seq_len)).masked_fill_(
+        ~allowed[:, None], torch.finfo(torch.float32).min)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "select_rows": select_rows, "select_positions": select_positions}
+
+
+def pair_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Logits in the [chosen; rejected] (2B, T, V) layout, gathered from packed rows when the prompt is shared."""
+    if "select_rows" in batch:
+        return logits[batch["select_rows"], batch["select_positions"]]
+    return logits
+
+
 class PairStream(BatchStream):
     """Batches of pairs from a resumable sample source; bad samples are skipped and counted (state_dict too)."""
 
-    def __init__(self, source, encode: PairEncoder, *, batch_size: int, pad_id: int):
+    def __init__(self, source, encode: PairEncoder, *, batch_size: int, pad_id: int, shared_prompt: bool = False):
         super().__init__(source, encode, batch_size=batch_size, pad_id=pad_id)
+        self.shared_prompt = shared_prompt
 
     def _collate(self, examples: list[PairExample]) -> dict:
-        return collate_pairs(examples, self.pad_id)
+        return collate_pairs(examples, self.pad_id, self.shared_prompt)
 
 
-def pair_stream(source, model, *, batch_size: int, max_length: int) -> PairStream:
+def pair_stream(source, model, *, batch_size: int, max_length: int, shared_prompt: bool = False) -> PairStream:
     """The usual PairStream for `model`'s tokenizer, image tokens and image transform."""
     encoder = ChatEncoder(model.tokenizer, model.tokens_per_image, max_length=max_length)
     return PairStream(source, PairEncoder(encoder, model.image_transform), batch_size=batch_size,
-                      pad_id=model.tokenizer.pad_token_id)
+                      pad_id=model.tokenizer.pad_token_id, shared_prompt=shared_prompt)
 
 
 # ----------------------------------------------------------------------------- held-out split
@@ -179,6 +234,8 @@ def pair_image_embeds(projector, features: torch.Tensor | None, batch: dict | No
     embeds = projector(features.to(dtype))  # (N_img, tpi, D)
     if batch is not None and not has_images(batch):
         return embeds[:0]  # spliced nowhere; the engine's forward then runs no vision pass of its own
+    if batch is not None and "select_rows" in batch:
+        return embeds  # shared prompt: one packed row, one image per pair
     return torch.cat([embeds, embeds])  # image rows of the chosen half, then of the rejected half
 
 
@@ -189,15 +246,18 @@ def lm_logits(core, lm, projector, batch: dict, features: torch.Tensor | None) -
     image_embeds = pair_image_embeds(projector, features, batch)
     if image_embeds is not None:
         text = splice(text, image_embeds.reshape(-1, text.shape[-1]), input_ids == core.image_token_id)
-    return lm(inputs_embeds=text, attention_mask=batch["attention_mask"], use_cache=False).logits
+    out = lm(inputs_embeds=text, attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"),
+             use_cache=False)
+    return pair_logits(out.logits, batch)
 
 
 def policy_logps(model, batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and token counts (2B,) through the (possibly wrapped) training model."""
     core = unwrap(model)
     image_embeds = pair_image_embeds(core.projector, features, batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_embeds=image_embeds)
-    return sequence_logprobs(out.logits, batch["labels"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch.get("position_ids"), image_embeds=image_embeds)
+    return sequence_logprobs(pair_logits(out.logits, batch), batch["labels"])
 
 
 # ----------------------------------------------------------------------------- the DPO objective
