@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vlpost.data.chat import ChatEncoder
-from vlpost.data.collate import Example, pack_rows, packed_batch, pad_batch, padding_waste
+from vlpost.data.collate import Example, pack_rows, packed_batch, pad_batch, padding_waste, shared_prefix_mask
 from vlpost.train.logprobs import label_positions, loss_weights, selected_nll_sum, sft_nll_sum
 
 QUESTIONS = [
@@ -99,3 +99,16 @@ def test_padding_waste_drops_with_packing():
     assert padding_waste([padded]) == pytest.approx(1 - 300 / 540)
     packed = packed_batch(pack_rows(exs, 100), 0)
     assert padding_waste([packed]) == pytest.approx(0.0)
+
+
+def test_shared_prefix_mask_by_hand():
+    """Row [p p | a a | b | pad]: answers see the prefix and themselves (causally), never each other; padding sees
+    only itself."""
+    allowed = shared_prefix_mask(torch.tensor([[-1, -1, 0, 0, 1, -2]]))[0, 0] == 0
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],
+                             [1, 1, 0, 0, 1, 0],
+                             [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(allowed, expected)

@@ -116,6 +116,19 @@ def packed_batch(rows: Sequence[Sequence[Example]], pad_id: int, dtype: torch.dt
     return _add_images(batch, ordered)
 
 
+def shared_prefix_mask(segment: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, T) segment ids → (B, 1, T, T) additive causal mask (0 = attend, dtype-min = blocked) for rows that hold
+    one prompt and several answers to it: -1 marks the shared prefix (seen by every later token of its row), j >= 0
+    answer j (sees the prefix and itself), -2 padding (sees only itself, so no row is all masked)."""
+    width = segment.shape[1]
+    query, key = segment[:, :, None], segment[:, None, :]
+    allowed = ((key == -1) & (query >= -1)) | ((query == key) & (query >= 0))
+    allowed &= torch.ones(width, width, dtype=torch.bool).tril()
+    allowed |= torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros((segment.shape[0], 1, width, width), dtype=dtype)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
 # ----------------------------------------------------------------------------- length grouping
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vlpost.constants import IGNORE_INDEX
+from vlpost.data.collate import shared_prefix_mask
 from vlpost.train import logprobs, losses
 from vlpost.train.grpo_config import GRPOLossConfig, RolloutConfig
 from vlpost.train.zero import plain_copy
@@ -153,12 +154,7 @@ def collate_groups(groups: list[list[Row]], pad_id: int, image_key: str) -> dict
             completion_mask[i, :n] = row.keep
             start += n
             i += 1
-    query, key = segment[:, :, None], segment[:, None, :]
-    allowed = ((key == -1) & (query >= -1)) | ((query == key) & (query >= 0))  # the prompt, and one's own completion
-    allowed &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    allowed |= torch.eye(seq_len, dtype=torch.bool)  # padding attends to itself (no all-masked rows)
-    attention_mask = torch.zeros((len(groups), 1, seq_len, seq_len)).masked_fill_(
-        ~allowed[:, None], torch.finfo(torch.float32).min)
+    attention_mask = shared_prefix_mask(segment)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
              "completion_mask": completion_mask, "labels": labels, "select_rows": select_rows,
              "select_positions": select_positions,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from vlpost.data.chat import ChatEncoder, Encoded, SampleError
-from vlpost.data.collate import Example, pad_batch
+from vlpost.data.collate import Example, pad_batch, shared_prefix_mask
 from vlpost.data.pipeline import BatchStream
 from vlpost.model.vlm import splice
 from vlpost.train.logprobs import sequence_logprobs
@@ -119,12 +119,7 @@ def _packed_pairs(pairs: list[PairExample], pad_id: int, width: int) -> dict:
             select_positions[row, :common] = torch.arange(common)
             select_positions[row, common:len(ids)] = torch.arange(start, start + rest)
             start += rest
-    query, key = segment[:, :, None], segment[:, None, :]
-    allowed = ((key == -1) & (query >= -1)) | ((query == key) & (query >= 0))
-    allowed &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    allowed |= torch.eye(seq_len, dtype=torch.bool)  # padding attends to itself (no all-masked rows)
-    attention_mask = torch.zeros((n, 1, seq_len, seq_len)).masked_fill_(
-        ~allowed[:, None], torch.finfo(torch.float32).min)
+    attention_mask = shared_prefix_mask(segment)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "select_rows": select_rows, "select_positions": select_positions}
 
