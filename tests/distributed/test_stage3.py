@@ -147,12 +147,13 @@ def dpo_one_process(init_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("config", CONFIGS)
-def test_dpo_two_processes_equal_one_and_save_loads(config, init_dir, dpo_one_process, tmp_path):
+@pytest.mark.parametrize("config,shared", [(c, False) for c in CONFIGS] + [("zero3", True)])
+def test_dpo_two_processes_equal_one_and_save_loads(config, shared, init_dir, dpo_one_process, tmp_path):
+    """shared: ZeRO-3 with dpo.shared_prompt (packed pairs) against the one-process padded run."""
     one_out, one = dpo_one_process
     out = tmp_path / "run"
     summary = launch(config, "dpo", out, "--model.init_from", str(init_dir), "--dpo.cache_dir", str(tmp_path / "cache"),
-                     "--train.batch_size", "2", *DPO_ARGS)
+                     "--train.batch_size", "2", *DPO_ARGS, *(["--dpo.shared_prompt", "true"] if shared else []))
     # the reference pass saw the whole initial weights (under ZeRO-3: gathered), each rank its own 16 pairs
     assert summary["reference"] == "cache" and summary["reference_hash"] == one["reference_hash"]
     assert summary["computed"] == 16 and summary["pairs_before"]["reward_accuracy"] == 0.0
@@ -185,13 +186,15 @@ def grpo_ddp(init_dir, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_grpo_under_deepspeed_equals_ddp_and_save_loads(config, init_dir, grpo_ddp, tmp_path):
+@pytest.mark.parametrize("config,shared", [("zero2", False), ("zero3", False), ("zero3", True)])
+def test_grpo_under_deepspeed_equals_ddp_and_save_loads(config, shared, init_dir, grpo_ddp, tmp_path):
+    """shared: ZeRO-3 with grpo.shared_prompt (one packed row per group) against DDP with the row layout."""
     ddp_out, ddp = grpo_ddp
     rows_ddp = metrics(ddp_out)
     assert all(r["grad_norm"] > 0 for r in rows_ddp) and rows_ddp[1]["kl"] > 0  # not a vacuous comparison
     out = tmp_path / "run"
-    summary = launch(config, "grpo", out, "--model.init_from", str(init_dir), *GRPO_ARGS)
+    summary = launch(config, "grpo", out, "--model.init_from", str(init_dir), *GRPO_ARGS,
+                     *(["--grpo.shared_prompt", "true"] if shared else []))
     assert_rows_match(metrics(out), rows_ddp, ("units", "loss", "grad_norm", "kl", "ratio/mean", "reward/mean",
                                                "completion/length_mean", "dynamic/generated_groups"))
     for key in ("eval_before", "eval_after"):
