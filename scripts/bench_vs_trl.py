@@ -337,7 +337,7 @@ def grpo_check_rollout(model, check: list, budget: Budget):
     """Prompt ids, completion ids, advantages (vlpost rewards) of the fixed check completions."""
     from vlpost.data.chat import ChatEncoder
     from vlpost.train.grpo import compute_advantages
-    from vlpost.train.rollout import as_rewards, default_rewards, encode_prompt_sample
+    from vlpost.train.rollout_scoring import as_rewards, default_rewards, encode_prompt_sample
 
     encoder = ChatEncoder(model.tokenizer, model.tokens_per_image, max_length=budget.max_length)
     G = budget.group_size
@@ -519,7 +519,7 @@ def trl_dpo(setup: Setup, items: list, budget: Budget, check: list, tag: str) ->
 def trl_grpo(setup: Setup, items: list, budget: Budget, check: list, tag: str, rollout: dict) -> tuple[dict, dict]:
     from trl import GRPOConfig, GRPOTrainer
 
-    from vlpost.train.rollout import as_rewards, default_rewards
+    from vlpost.train.rollout_scoring import as_rewards, default_rewards
 
     samples = [sample for sample, _ in items]
 

@@ -17,7 +17,8 @@ from vlpost.train.grpo import GRPOObjective, build_reference, loss_settings
 from vlpost.train.grpo_batches import GRPOBatches
 from vlpost.train.grpo_config import GRPOConfig, check_grpo_config
 from vlpost.train.metrics import plot_metrics
-from vlpost.train.rollout import build_engine, eval_items, evaluate_prompts
+from vlpost.train.rollout import build_engine
+from vlpost.train.rollout_scoring import eval_items, evaluate_prompts
 from vlpost.train.stage import finish_run, sample_source, start_run
 from vlpost.train.trainer import Trainer
 from vlpost.train.zero import whole_model

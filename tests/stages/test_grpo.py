@@ -26,7 +26,8 @@ from vlpost.train.grpo import (
 from vlpost.train.grpo_batches import GRPOBatches
 from vlpost.train.grpo_config import GRPOConfig, GRPOLossConfig, RolloutConfig, check_grpo_config
 from vlpost.train.metrics import read_metrics
-from vlpost.train.rollout import HFRolloutEngine, Rollout, ScoredRound, evaluate_prompts, rollout_metrics
+from vlpost.train.rollout import HFRolloutEngine, Rollout
+from vlpost.train.rollout_scoring import ScoredRound, evaluate_prompts, rollout_metrics
 from vlpost.train.trainer import Trainer
 
 FIRST_HALF = set("abcdefghijklm")

@@ -286,7 +286,7 @@ def test_eval_items_come_from_the_named_held_out_shards_not_the_training_prompts
     the first training prompts, labelled as such (they are not held out)."""
     from vlpost.cli import main as vlpost
     from vlpost.config import DataConfig
-    from vlpost.train.rollout import eval_items
+    from vlpost.train.rollout_scoring import eval_items
 
     for name, args in (("train", ["--kind", "prompt"]), ("vqa", ["--kind", "vqa", "--split", "eval"]),
                        ("safety", ["--kind", "safety", "--split", "eval"])):

@@ -28,9 +28,8 @@ from vlpost.train.grpo import (
     compute_advantages,
 )
 from vlpost.train.grpo_config import RolloutConfig
-from vlpost.train.rollout import (
-    Rollout,
-    RolloutEngine,
+from vlpost.train.rollout import Rollout, RolloutEngine
+from vlpost.train.rollout_scoring import (
     ScoredRound,
     as_rewards,
     default_rewards,
